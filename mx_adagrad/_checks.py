@@ -24,7 +24,7 @@ def concrete_float(value: Any) -> float | None:
     """Returns ``value`` as a Python float if it is a concrete scalar, else None (traced or array)."""
     if isinstance(value, jax.core.Tracer):
         return None
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return None
     try:
         array = np.asarray(value)
@@ -36,12 +36,12 @@ def concrete_float(value: Any) -> float | None:
 
 
 def _scalar(where: str, name: str, value: Any) -> float | None:
-    if isinstance(value, bool) or isinstance(value, str):
-        fail(where, name, "a real number", value)
+    """The value as a float if concrete, None if traced; fails for anything but a real scalar."""
+    if isinstance(value, jax.core.Tracer):
+        return None
     number = concrete_float(value)
-    if number is None and not isinstance(value, jax.core.Tracer):
-        if np.ndim(value) != 0:
-            fail(where, name, "a scalar", value)
+    if number is None:
+        fail(where, name, "a real scalar", value)
     return number
 
 
@@ -73,3 +73,68 @@ def integer(where: str, name: str, value: Any, minimum: int | None = None) -> No
 def one_of(where: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         fail(where, name, "one of " + ", ".join(repr(c) for c in choices), value)
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """The ``"/"``-joined key path of every leaf of ``tree``, in ``jax.tree.leaves`` order.
+
+    Dict keys, attribute names and sequence indices are joined with ``"/"``:
+    ``{"params": {"Dense_0": {"kernel": w}}}`` has the one path ``"params/Dense_0/kernel"``.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return ["/".join(_key_name(key) for key in path) for path, _ in flat]
+
+
+def same_structure(where: str, name: str, tree: Any, reference_name: str, reference: Any) -> None:
+    """Checks that ``tree`` has ``reference``'s structure and leaf shapes; names the first bad path."""
+    if jax.tree.structure(tree) != jax.tree.structure(reference):
+        paths, reference_paths = leaf_paths(tree), leaf_paths(reference)
+        missing = [p for p in reference_paths if p not in paths]
+        extra = [p for p in paths if p not in reference_paths]
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:4]}" if missing else "",
+                f"unexpected {extra[:4]}" if extra else "",
+            )
+            if part
+        )
+        fail(
+            where,
+            name,
+            f"a pytree with the structure of {reference_name}",
+            detail or jax.tree.structure(tree),
+        )
+    for path, leaf, reference_leaf in zip(
+        leaf_paths(reference), jax.tree.leaves(tree), jax.tree.leaves(reference)
+    ):
+        if np.shape(leaf) != np.shape(reference_leaf):
+            fail(
+                where,
+                f"{name}[{path!r}]",
+                f"of shape {np.shape(reference_leaf)} like {reference_name}",
+                f"shape {np.shape(leaf)}",
+            )
+
+
+def floating(where: str, name: str, tree: Any) -> None:
+    """Checks that every leaf of ``tree`` has a floating dtype (AdaGrad cannot update integers)."""
+    for path, leaf in zip(leaf_paths(tree), jax.tree.leaves(tree)):
+        if not jax.numpy.issubdtype(jax.numpy.result_type(leaf), jax.numpy.floating):
+            fail(where, f"{name}[{path!r}]", "a floating-point array", f"dtype {leaf.dtype}")
+
+
+def require_params(where: str, params: Any) -> None:
+    """Transformations that read the weights say so when ``update`` is called without them."""
+    if params is None:
+        raise ValueError(
+            f"mx_adagrad.{where}: params must be passed to update(updates, state, params) "
+            "(this transformation reads the current parameter values), got None"
+        )

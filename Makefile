@@ -1,0 +1,37 @@
+# The whole setup: `make test` and `make demo` create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv test demo lint format clean
+
+venv: $(PY)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-examples: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[examples]"
+	touch $@
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed-examples
+	$(PY) examples/quickstart.py
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,32 @@
+"""mx_adagrad: MXNet's AdaGrad as exact, composable, fused Optax gradient transformations."""
+
+from mx_adagrad import lr_scheduler
+from mx_adagrad.alias import adagrad
+from mx_adagrad.precision import MultiPrecisionState, multi_precision
+from mx_adagrad.transforms import (
+    ScaleByAdagradState,
+    ScaleByScheduleState,
+    add_decayed_weights,
+    clip,
+    rescale,
+    scale_by_adagrad,
+    scale_by_schedule,
+)
+from mx_adagrad.updates import apply_updates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MultiPrecisionState",
+    "ScaleByAdagradState",
+    "ScaleByScheduleState",
+    "adagrad",
+    "add_decayed_weights",
+    "apply_updates",
+    "clip",
+    "lr_scheduler",
+    "multi_precision",
+    "rescale",
+    "scale_by_adagrad",
+    "scale_by_schedule",
+]

@@ -1,0 +1,119 @@
+"""``adagrad(...)``: MXNet 2.0's AdaGrad optimizer as one chain of the five transforms."""
+
+from __future__ import annotations
+
+import warnings
+
+import chex
+import optax
+
+from mx_adagrad import _checks, multipliers, precision, transforms
+from mx_adagrad.lr_scheduler import LRScheduler
+
+
+def resolve_learning_rate(
+    where: str, learning_rate: transforms.LearningRate | None, lr_scheduler: LRScheduler | None
+) -> transforms.LearningRate:
+    """MXNet's rule for ``learning_rate`` next to ``lr_scheduler``.
+
+    Without a scheduler the learning rate is used as given. With one, ``learning_rate=None`` keeps
+    the scheduler's ``base_lr``; any other value replaces it (MXNet warns and assigns
+    ``lr_scheduler.base_lr = learning_rate``; here the scheduler is copied, never mutated).
+    """
+    if lr_scheduler is None:
+        if learning_rate is None:
+            _checks.fail(
+                where, "learning_rate", "a number or schedule when lr_scheduler is None", None
+            )
+        return learning_rate
+    if not isinstance(lr_scheduler, LRScheduler):
+        _checks.fail(
+            where,
+            "lr_scheduler",
+            "an mx_adagrad.lr_scheduler.LRScheduler (with optax.inject_hyperparams, "
+            "pass static_args=('lr_scheduler',))",
+            lr_scheduler,
+        )
+    if learning_rate is None:
+        return lr_scheduler
+    _checks.finite(where, "learning_rate", learning_rate)
+    _checks.non_negative(where, "learning_rate", learning_rate)
+    if _checks.concrete_float(learning_rate) != lr_scheduler.base_lr:
+        warnings.warn(
+            f"mx_adagrad.{where}: learning_rate={learning_rate!r} overrides the base_lr="
+            f"{lr_scheduler.base_lr!r} of lr_scheduler (as in MXNet); pass learning_rate=None "
+            "to keep the scheduler's base_lr",
+            UserWarning,
+            stacklevel=3,
+        )
+    return lr_scheduler.with_base_lr(learning_rate)
+
+
+def adagrad(
+    learning_rate: transforms.LearningRate | None = 0.01,
+    epsilon: chex.Numeric = 1e-6,
+    *,
+    rescale_grad: chex.Numeric = 1.0,
+    clip_gradient: chex.Numeric | None = None,
+    wd: chex.Numeric = 0.0,
+    lr_mult: multipliers.MultiplierSpec = None,
+    wd_mult: multipliers.MultiplierSpec = None,
+    lr_scheduler: LRScheduler | None = None,
+    begin_num_update: int = 0,
+    initial_accumulator_value: chex.Numeric = 0.0,
+    multi_precision: bool = False,
+) -> optax.GradientTransformation:
+    """MXNet 2.0's AdaGrad (``mxnet.optimizer.AdaGrad``) as an optax gradient transformation.
+
+    ::
+
+        g = clip(rescale_grad * grad, clip_gradient) + wd * wd_mult * weight
+        history = history + g**2
+        weight = weight - learning_rate * lr_mult * g / (sqrt(history) + epsilon)
+
+    It is ``optax.chain(rescale, clip, add_decayed_weights, scale_by_adagrad, scale_by_schedule)``;
+    under ``jax.jit`` the chain and ``apply_updates`` fuse into elementwise loops per parameter.
+    The arguments keep MXNet's names and defaults; ``optax.adagrad`` differs (epsilon inside the
+    root, history starting at 0.1, no rescale/clip/decay).
+
+    Args:
+      learning_rate: a number >= 0, an optax schedule (called with optax's count, 0 first), or
+        ``None`` to take the ``base_lr`` of ``lr_scheduler``. Next to an ``lr_scheduler``, a number
+        replaces its ``base_lr``, as in MXNet (with a warning when they differ).
+      epsilon: added to ``sqrt(history)``, >= 0.
+      rescale_grad: gradient multiplier, finite (Gluon: ``1 / batch_size``).
+      clip_gradient: elementwise clipping bound, > 0, or ``None`` for no clipping.
+      wd: L2 weight decay, >= 0, added to the gradient before the history.
+      lr_mult: per-parameter learning-rate multipliers (pytree, callable or ``{path: value}``).
+      wd_mult: per-parameter weight-decay multipliers (pytree, callable or ``{path: value}``).
+      lr_scheduler: an :mod:`mx_adagrad.lr_scheduler` scheduler, called with MXNet's
+        ``num_update = begin_num_update + n`` on the n-th update.
+      begin_num_update: the update count to resume from, >= 0.
+      initial_accumulator_value: the history's first value, >= 0 (MXNet: 0).
+      multi_precision: keep float32 master weights and history for float16/bfloat16 parameters.
+
+    Returns:
+      An ``optax.GradientTransformation``. Its ``update`` needs ``params`` (weight decay). Apply
+      its updates with :func:`mx_adagrad.apply_updates`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mx_adagrad
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = mx_adagrad.adagrad(learning_rate=0.1, wd=0.01)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> mx_adagrad.apply_updates(params, updates)["w"]
+      Array([ 0.9000001, -1.9000001], dtype=float32)
+    """
+    learning_rate = resolve_learning_rate("adagrad", learning_rate, lr_scheduler)
+    if not isinstance(multi_precision, bool):
+        _checks.fail("adagrad", "multi_precision", "a bool", multi_precision)
+    chain = optax.chain(
+        transforms.rescale(rescale_grad),
+        transforms.clip(clip_gradient),
+        transforms.add_decayed_weights(wd, wd_mult),
+        transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
+        transforms.scale_by_schedule(learning_rate, lr_mult, begin_num_update),
+    )
+    return precision.multi_precision(chain) if multi_precision else chain

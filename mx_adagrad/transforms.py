@@ -1,0 +1,284 @@
+"""The five gradient transformations that make up MXNet's AdaGrad step.
+
+Each is an ``optax.GradientTransformation`` and can be used alone or inside ``optax.chain``. In
+order, they compute MXNet 2.0's ``AdaGrad`` step::
+
+    g = rescale_grad * grad                                 rescale
+    g = clip(g, -clip_gradient, clip_gradient)              clip
+    g = g + wd * wd_mult * weight                           add_decayed_weights
+    history = history + g**2                                scale_by_adagrad
+    g = g / (sqrt(history) + epsilon)
+    update = -learning_rate(num_update) * lr_mult * g       scale_by_schedule
+    weight = weight + update                                apply_updates
+
+Hyperparameters may be Python numbers or (traced) JAX scalars, so every transform works under
+``optax.inject_hyperparams``. Concrete values are validated when the transform is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from mx_adagrad import _checks, multipliers
+from mx_adagrad.lr_scheduler import LRScheduler
+
+
+def _like(value: chex.Numeric, array: chex.Array) -> chex.Array:
+    """A scalar hyperparameter in the dtype of the array it multiplies (keeps bf16 bf16)."""
+    return jnp.asarray(value, dtype=array.dtype)
+
+
+def rescale(rescale_grad: chex.Numeric = 1.0) -> optax.GradientTransformation:
+    """Multiplies gradients by a constant, as MXNet's ``rescale_grad``.
+
+    ::
+
+        g = rescale_grad * g
+
+    Gluon's ``Trainer.step(batch_size)`` sets ``rescale_grad = scale / batch_size`` before each step;
+    pass a traced value (``optax.inject_hyperparams``) to change it without recompiling.
+
+    Args:
+      rescale_grad: the factor; any finite number (MXNet argument of the same name).
+
+    Returns:
+      An ``optax.GradientTransformation`` with an ``optax.EmptyState``.
+
+    Example:
+      >>> import jax.numpy as jnp, mx_adagrad
+      >>> tx = mx_adagrad.rescale(0.5)
+      >>> tx.update({"w": jnp.ones(2)}, tx.init(None))[0]["w"]
+      Array([0.5, 0.5], dtype=float32)
+    """
+    _checks.finite("rescale", "rescale_grad", rescale_grad)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: g * _like(rescale_grad, g), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip(clip_gradient: chex.Numeric | None = None) -> optax.GradientTransformation:
+    """Clips every gradient element to ``[-clip_gradient, clip_gradient]``, as MXNet.
+
+    ::
+
+        g = min(max(g, -clip_gradient), clip_gradient)      # NaN stays NaN, as in MXNet
+
+    Args:
+      clip_gradient: the bound, > 0; ``None`` turns clipping off (MXNet argument of the same name).
+
+    Returns:
+      An ``optax.GradientTransformation`` with an ``optax.EmptyState``.
+
+    Example:
+      >>> import jax.numpy as jnp, mx_adagrad
+      >>> tx = mx_adagrad.clip(0.5)
+      >>> tx.update(jnp.array([-2.0, 0.25, 3.0]), tx.init(None))[0]
+      Array([-0.5 ,  0.25,  0.5 ], dtype=float32)
+    """
+    if clip_gradient is None:
+        return optax.identity()
+    _checks.positive("clip", "clip_gradient", clip_gradient)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(
+            lambda g: jnp.clip(g, -_like(clip_gradient, g), _like(clip_gradient, g)), updates
+        ), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def add_decayed_weights(
+    wd: chex.Numeric = 0.0, wd_mult: multipliers.MultiplierSpec = None
+) -> optax.GradientTransformation:
+    """Adds L2 weight decay to the gradient, before the history sees it (MXNet 2.0's placement).
+
+    ::
+
+        g = g + wd * wd_mult * weight
+
+    Args:
+      wd: the weight decay, >= 0 (MXNet ``wd``).
+      wd_mult: per-parameter multipliers (MXNet ``set_wd_mult``): ``None``, a pytree like the
+        params, a callable ``params -> pytree`` or a dict ``{path: value}``; see
+        :mod:`mx_adagrad.multipliers`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with an ``optax.EmptyState``. Its ``update`` needs
+      ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, mx_adagrad
+      >>> tx = mx_adagrad.add_decayed_weights(0.1)
+      >>> w = jnp.array([1.0, 2.0])
+      >>> tx.update(jnp.zeros(2), tx.init(w), w)[0]
+      Array([0.1, 0.2], dtype=float32)
+    """
+    _checks.non_negative("add_decayed_weights", "wd", wd)
+
+    def init_fn(params):
+        multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        _checks.require_params("add_decayed_weights", params)
+        _checks.same_structure("add_decayed_weights", "updates", updates, "params", params)
+        mults = multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, params)
+        updates = jax.tree.map(
+            lambda g, w, m: g + _like(wd * m, g) * w.astype(g.dtype), updates, params, mults
+        )
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
+    """``numerator / denominator``, written so that XLA fuses the whole step into two loops.
+
+    ``-((-n) / d)`` is bit-identical to ``n / d`` (negation is exact). XLA will not duplicate a
+    producer (the clipped, decayed gradient) into a consumer whose first use of it is a divide;
+    starting with a negate lets the gradient's arithmetic be recomputed inside both the history
+    loop and the weight loop instead of being written to a temporary buffer. Checked by
+    ``tests/test_fusion.py``.
+    """
+    return -(-numerator / denominator)
+
+
+class ScaleByAdagradState(NamedTuple):
+    """State of :func:`scale_by_adagrad`: the running sum of squared gradients, one per parameter."""
+
+    history: optax.Updates
+
+
+def scale_by_adagrad(
+    epsilon: chex.Numeric = 1e-6, initial_accumulator_value: chex.Numeric = 0.0
+) -> optax.GradientTransformation:
+    """Accumulates squared gradients and divides by their root, with MXNet 2.0's epsilon placement.
+
+    ::
+
+        history = history + g**2
+        g = g / (sqrt(history) + epsilon)
+
+    The history has the parameters' dtype (as MXNet's ``create_state``) and starts at
+    ``initial_accumulator_value`` (MXNet: 0; ``optax.adagrad``: 0.1).
+
+    Args:
+      epsilon: added to the root, >= 0 (MXNet ``epsilon``; default 1e-6 as MXNet 2.0).
+      initial_accumulator_value: the history's first value, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdagradState`.
+
+    Example:
+      >>> import jax.numpy as jnp, mx_adagrad
+      >>> tx = mx_adagrad.scale_by_adagrad(epsilon=0.0)
+      >>> tx.update(jnp.array([3.0, -4.0]), tx.init(jnp.zeros(2)))[0]
+      Array([ 1., -1.], dtype=float32)
+    """
+    _checks.finite("scale_by_adagrad", "epsilon", epsilon)
+    _checks.non_negative("scale_by_adagrad", "epsilon", epsilon)
+    _checks.finite("scale_by_adagrad", "initial_accumulator_value", initial_accumulator_value)
+    _checks.non_negative("scale_by_adagrad", "initial_accumulator_value", initial_accumulator_value)
+
+    def init_fn(params):
+        _checks.floating("scale_by_adagrad", "params", params)
+        return ScaleByAdagradState(optax.tree.full_like(params, initial_accumulator_value))
+
+    def update_fn(updates, state, params=None):
+        del params
+        _checks.same_structure("scale_by_adagrad", "updates", updates, "state", state.history)
+        updates = jax.tree.map(lambda g, h: g.astype(h.dtype), updates, state.history)
+        history = jax.tree.map(lambda g, h: h + g * g, updates, state.history)
+        updates = jax.tree.map(
+            lambda g, h: _divide(g, jnp.sqrt(h) + _like(epsilon, h)), updates, history
+        )
+        return updates, ScaleByAdagradState(history)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_schedule`: how many updates it has made (optax's ``count``)."""
+
+    count: chex.Array
+
+
+LearningRate = chex.Numeric | optax.Schedule | LRScheduler
+
+
+def _check_learning_rate(where: str, learning_rate: Any) -> None:
+    if not callable(learning_rate):
+        _checks.finite(where, "learning_rate", learning_rate)
+        _checks.non_negative(where, "learning_rate", learning_rate)
+
+
+def learning_rate_at(
+    learning_rate: LearningRate, count: chex.Array, begin_num_update: chex.Numeric = 0
+) -> chex.Numeric:
+    """The learning rate of the update made when ``count`` updates have been made before it.
+
+    A number is returned as is; an optax schedule is called with ``count`` (0 on the first
+    update); an MXNet scheduler is called with MXNet's ``num_update = begin_num_update + count + 1``.
+    """
+    if isinstance(learning_rate, LRScheduler):
+        return learning_rate(begin_num_update + count + 1)
+    if callable(learning_rate):
+        return learning_rate(count)
+    return learning_rate
+
+
+def scale_by_schedule(
+    learning_rate: LearningRate,
+    lr_mult: multipliers.MultiplierSpec = None,
+    begin_num_update: chex.Numeric = 0,
+) -> optax.GradientTransformation:
+    """Scales updates by ``-learning_rate * lr_mult``, the last step before ``apply_updates``.
+
+    ::
+
+        update = -learning_rate(step) * lr_mult * g
+
+    ``step`` follows the convention of the schedule: an optax schedule gets optax's ``count``
+    (0 on the first update); an :mod:`mx_adagrad.lr_scheduler` scheduler gets MXNet's
+    ``num_update = begin_num_update + n`` on the n-th update (n = 1, 2, ...).
+
+    Args:
+      learning_rate: a number >= 0, an optax schedule, or an MXNet-style scheduler.
+      lr_mult: per-parameter multipliers (MXNet ``set_lr_mult``); see :mod:`mx_adagrad.multipliers`.
+      begin_num_update: MXNet's ``begin_num_update``, the update count to resume from, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByScheduleState`.
+
+    Example:
+      >>> import jax.numpy as jnp, mx_adagrad
+      >>> tx = mx_adagrad.scale_by_schedule(0.1, lr_mult={"b": 0.5})
+      >>> g = {"a": jnp.ones(1), "b": jnp.ones(1)}
+      >>> tx.update(g, tx.init(g))[0]
+      {'a': Array([-0.1], dtype=float32), 'b': Array([-0.05], dtype=float32)}
+    """
+    _check_learning_rate("scale_by_schedule", learning_rate)
+    if not isinstance(begin_num_update, jax.Array):
+        _checks.integer("scale_by_schedule", "begin_num_update", begin_num_update, minimum=0)
+
+    def init_fn(params):
+        multipliers.resolve("scale_by_schedule", "lr_mult", lr_mult, params)
+        return ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        lr = learning_rate_at(learning_rate, state.count, begin_num_update)
+        mults = multipliers.resolve("scale_by_schedule", "lr_mult", lr_mult, updates)
+        updates = jax.tree.map(lambda u, m: u * _like(-lr * m, u), updates, mults)
+        return updates, ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,59 @@
+"""Float64 NumPy transcriptions of the AdaGrad formulas: the reference every numeric test uses.
+
+Nothing here imports mx_adagrad; each function is the formula as MXNet documents it, one line per
+line of the documentation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mxnet2_step(
+    weight,
+    grad,
+    history,
+    *,
+    lr,
+    epsilon=1e-6,
+    rescale_grad=1.0,
+    clip_gradient=None,
+    wd=0.0,
+):
+    """One step of MXNet 2.0's ``AdaGrad`` (``mxnet.optimizer.adagrad``), in float64.
+
+    grad = clip(grad * rescale_grad, clip_gradient) + wd * weight
+    history += square(grad)
+    weight -= learning_rate * grad / (sqrt(history) + epsilon)
+    """
+    weight, grad, history = (np.asarray(x, np.float64) for x in (weight, grad, history))
+    grad = grad * rescale_grad
+    if clip_gradient is not None:
+        grad = np.clip(grad, -clip_gradient, clip_gradient)
+    grad = grad + wd * weight
+    history = history + np.square(grad)
+    weight = weight - lr * grad / (np.sqrt(history) + epsilon)
+    return weight, history
+
+
+def mxnet2_run(weight, grads, *, lrs=None, lr=0.01, history=None, **hyper):
+    """Runs :func:`mxnet2_step` over a sequence of gradients; returns the weight after each step."""
+    history = np.zeros_like(np.asarray(weight, np.float64)) if history is None else history
+    lrs = [lr] * len(grads) if lrs is None else lrs
+    weights = []
+    for grad, step_lr in zip(grads, lrs):
+        weight, history = mxnet2_step(weight, grad, history, lr=step_lr, **hyper)
+        weights.append(weight)
+    return weights, history
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the error relative to the array's scale.
+
+    Elementwise relative error is undefined where a weight crosses zero; this norm-wise form is
+    what "relative error <= 1e-5" means throughout the tests.
+    """
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    scale = max(np.max(np.abs(expected)), np.finfo(np.float64).tiny)
+    return float(np.max(np.abs(actual - expected)) / scale)
