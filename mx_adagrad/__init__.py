@@ -1,8 +1,9 @@
 """mx_adagrad: MXNet's AdaGrad as exact, composable, fused Optax gradient transformations."""
 
-from mx_adagrad import lr_scheduler
+from mx_adagrad import lr_scheduler, sparse
 from mx_adagrad.alias import adagrad
 from mx_adagrad.precision import MultiPrecisionState, multi_precision
+from mx_adagrad.sparse import RowSparse, check_indices, value_and_row_grad
 from mx_adagrad.transforms import (
     ScaleByAdagradState,
     ScaleByScheduleState,
@@ -18,15 +19,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MultiPrecisionState",
+    "RowSparse",
     "ScaleByAdagradState",
     "ScaleByScheduleState",
     "adagrad",
     "add_decayed_weights",
     "apply_updates",
+    "check_indices",
     "clip",
     "lr_scheduler",
     "multi_precision",
     "rescale",
     "scale_by_adagrad",
     "scale_by_schedule",
+    "sparse",
+    "value_and_row_grad",
 ]

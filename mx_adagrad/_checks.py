@@ -20,6 +20,13 @@ def fail(where: str, name: str, expected: str, value: Any) -> None:
     raise ValueError(f"mx_adagrad.{where}: {name} must be {expected}, got {value!r}")
 
 
+class shown(str):
+    """A description to show as is in an error message (its repr has no quotes)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def concrete_float(value: Any) -> float | None:
     """Returns ``value`` as a Python float if it is a concrete scalar, else None (traced or array)."""
     if isinstance(value, jax.core.Tracer):
@@ -88,13 +95,29 @@ def leaf_paths(tree: Any) -> list[str]:
     Dict keys, attribute names and sequence indices are joined with ``"/"``:
     ``{"params": {"Dense_0": {"kernel": w}}}`` has the one path ``"params/Dense_0/kernel"``.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_row_sparse)
     return ["/".join(_key_name(key) for key in path) for path, _ in flat]
+
+
+def is_row_sparse(x: Any) -> bool:
+    from mx_adagrad.sparse import RowSparse  # sparse imports this module
+
+    return isinstance(x, RowSparse)
+
+
+def structure(tree: Any) -> Any:
+    """The tree structure with every RowSparse gradient counted as one leaf."""
+    return jax.tree.structure(tree, is_leaf=is_row_sparse)
+
+
+def leaves(tree: Any) -> list[Any]:
+    """The leaves, with every RowSparse gradient counted as one leaf."""
+    return jax.tree.leaves(tree, is_leaf=is_row_sparse)
 
 
 def same_structure(where: str, name: str, tree: Any, reference_name: str, reference: Any) -> None:
     """Checks that ``tree`` has ``reference``'s structure and leaf shapes; names the first bad path."""
-    if jax.tree.structure(tree) != jax.tree.structure(reference):
+    if structure(tree) != structure(reference):
         paths, reference_paths = leaf_paths(tree), leaf_paths(reference)
         missing = [p for p in reference_paths if p not in paths]
         extra = [p for p in paths if p not in reference_paths]
@@ -110,17 +133,15 @@ def same_structure(where: str, name: str, tree: Any, reference_name: str, refere
             where,
             name,
             f"a pytree with the structure of {reference_name}",
-            detail or jax.tree.structure(tree),
+            shown(detail) if detail else structure(tree),
         )
-    for path, leaf, reference_leaf in zip(
-        leaf_paths(reference), jax.tree.leaves(tree), jax.tree.leaves(reference)
-    ):
+    for path, leaf, reference_leaf in zip(leaf_paths(reference), leaves(tree), leaves(reference)):
         if np.shape(leaf) != np.shape(reference_leaf):
             fail(
                 where,
                 f"{name}[{path!r}]",
                 f"of shape {np.shape(reference_leaf)} like {reference_name}",
-                f"shape {np.shape(leaf)}",
+                shown(f"shape {np.shape(leaf)}"),
             )
 
 
@@ -128,7 +149,7 @@ def floating(where: str, name: str, tree: Any) -> None:
     """Checks that every leaf of ``tree`` has a floating dtype (AdaGrad cannot update integers)."""
     for path, leaf in zip(leaf_paths(tree), jax.tree.leaves(tree)):
         if not jax.numpy.issubdtype(jax.numpy.result_type(leaf), jax.numpy.floating):
-            fail(where, f"{name}[{path!r}]", "a floating-point array", f"dtype {leaf.dtype}")
+            fail(where, f"{name}[{path!r}]", "a floating-point array", shown(f"dtype {leaf.dtype}"))
 
 
 def require_params(where: str, params: Any) -> None:

@@ -62,6 +62,7 @@ def adagrad(
     begin_num_update: int = 0,
     initial_accumulator_value: chex.Numeric = 0.0,
     multi_precision: bool = False,
+    sparse_wd: str = "lazy",
 ) -> optax.GradientTransformation:
     """MXNet 2.0's AdaGrad (``mxnet.optimizer.AdaGrad``) as an optax gradient transformation.
 
@@ -73,6 +74,8 @@ def adagrad(
 
     It is ``optax.chain(rescale, clip, add_decayed_weights, scale_by_adagrad, scale_by_schedule)``;
     under ``jax.jit`` the chain and ``apply_updates`` fuse into elementwise loops per parameter.
+    Gradients may mix dense arrays and :class:`~mx_adagrad.RowSparse` rows (embedding tables):
+    a RowSparse leaf's duplicates are summed, and only its rows are read and written.
     The arguments keep MXNet's names and defaults; ``optax.adagrad`` differs (epsilon inside the
     root, history starting at 0.1, no rescale/clip/decay).
 
@@ -91,6 +94,8 @@ def adagrad(
       begin_num_update: the update count to resume from, >= 0.
       initial_accumulator_value: the history's first value, >= 0 (MXNet: 0).
       multi_precision: keep float32 master weights and history for float16/bfloat16 parameters.
+      sparse_wd: weight decay on :class:`~mx_adagrad.RowSparse` gradients: ``"lazy"`` decays the
+        rows present only; ``"error"`` refuses ``wd != 0`` for them, as MXNet does.
 
     Returns:
       An ``optax.GradientTransformation``. Its ``update`` needs ``params`` (weight decay). Apply
@@ -112,7 +117,7 @@ def adagrad(
     chain = optax.chain(
         transforms.rescale(rescale_grad),
         transforms.clip(clip_gradient),
-        transforms.add_decayed_weights(wd, wd_mult),
+        transforms.add_decayed_weights(wd, wd_mult, sparse_wd),
         transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
         transforms.scale_by_schedule(learning_rate, lr_mult, begin_num_update),
     )

@@ -45,7 +45,7 @@ def _from_paths(where: str, name: str, spec: Mapping, tree: chex.ArrayTree) -> c
         matches = [key for key in spec if path == key or path.startswith(key + "/")]
         return spec[max(matches, key=len)] if matches else 1.0
 
-    return jax.tree.unflatten(jax.tree.structure(tree), [lookup(path) for path in paths])
+    return jax.tree.unflatten(_checks.structure(tree), [lookup(path) for path in paths])
 
 
 def resolve(where: str, name: str, spec: MultiplierSpec, tree: chex.ArrayTree) -> chex.ArrayTree:
@@ -60,11 +60,18 @@ def resolve(where: str, name: str, spec: MultiplierSpec, tree: chex.ArrayTree) -
     Returns:
       A pytree with ``tree``'s structure whose leaves are the multipliers.
     """
-    structure = jax.tree.structure(tree)
+    structure = _checks.structure(tree)
     if spec is None:
         return jax.tree.unflatten(structure, [1.0] * structure.num_leaves)
     if callable(spec):
-        spec = spec(tree)
+        # A RowSparse gradient stands in as its dense shape and dtype (what the callable reads).
+        spec = spec(
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if _checks.is_row_sparse(x) else x,
+                tree,
+                is_leaf=_checks.is_row_sparse,
+            )
+        )
     if jax.tree.structure(spec) == structure:
         for path, value in zip(_checks.leaf_paths(tree), jax.tree.leaves(spec)):
             _check_value(where, name, path, value)

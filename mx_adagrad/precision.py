@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mx_adagrad import _checks
+from mx_adagrad import _checks, sparse
+from mx_adagrad.updates import apply_update
 
 LOW_PRECISION_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -80,27 +81,25 @@ def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransf
     def update_fn(updates, state, params=None):
         _checks.require_params("multi_precision", params)
         _checks.same_structure("multi_precision", "updates", updates, "params", params)
-        grads = jax.tree.map(
-            lambda g, m: g if m is None else g.astype(jnp.float32),
+        grads = sparse.map_leaves(
+            lambda g, m: g if m is None else sparse.on_rows(lambda v: v.astype(jnp.float32), g),
             updates,
             state.master,
-            is_leaf=_is_none,
         )
         steps, inner_state = inner.update(
             grads, state.inner_state, _working_params(params, state.master)
         )
-        master = jax.tree.map(
-            lambda m, u: None if m is None else m + u, state.master, steps, is_leaf=_is_none
+        master = sparse.map_leaves(
+            lambda u, m: None if m is None else apply_update(m, u), steps, state.master
         )
-        updates = jax.tree.map(
-            lambda p, u, m: (
-                u if m is None else m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32)
-            ),
-            params,
-            steps,
-            master,
-            is_leaf=_is_none,
-        )
+
+        def low_precision_step(u, p, m):
+            def difference(_, master, weight):
+                return master.astype(weight.dtype).astype(jnp.float32) - weight.astype(jnp.float32)
+
+            return u if m is None else sparse.on_rows(difference, u, m, p)
+
+        updates = sparse.map_leaves(low_precision_step, steps, params, master)
         return updates, MultiPrecisionState(master, inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)

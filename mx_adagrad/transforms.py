@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mx_adagrad import _checks, multipliers
+from mx_adagrad import _checks, multipliers, sparse
 from mx_adagrad.lr_scheduler import LRScheduler
+
+SPARSE_WD_MODES = ("lazy", "error")
 
 
 def _like(value: chex.Numeric, array: chex.Array) -> chex.Array:
@@ -59,7 +61,9 @@ def rescale(rescale_grad: chex.Numeric = 1.0) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return jax.tree.map(lambda g: g * _like(rescale_grad, g), updates), state
+        return sparse.map_leaves(
+            lambda g: sparse.on_rows(lambda v: v * _like(rescale_grad, v), g), updates
+        ), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -89,15 +93,34 @@ def clip(clip_gradient: chex.Numeric | None = None) -> optax.GradientTransformat
 
     def update_fn(updates, state, params=None):
         del params
-        return jax.tree.map(
-            lambda g: jnp.clip(g, -_like(clip_gradient, g), _like(clip_gradient, g)), updates
-        ), state
+
+        def clip_rows(v):
+            return jnp.clip(v, -_like(clip_gradient, v), _like(clip_gradient, v))
+
+        return sparse.map_leaves(lambda g: sparse.on_rows(clip_rows, g), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _refuse_sparse_decay(wd: chex.Numeric, updates: optax.Updates, mults: Any) -> None:
+    """sparse_wd='error': MXNet's refusal of weight decay on row_sparse gradients."""
+    for path, g, m in zip(
+        _checks.leaf_paths(updates), _checks.leaves(updates), jax.tree.leaves(mults)
+    ):
+        if _checks.is_row_sparse(g) and _checks.concrete_float(wd * m) != 0.0:
+            _checks.fail(
+                "add_decayed_weights",
+                f"wd * wd_mult for the RowSparse gradient {path!r}",
+                "0 with sparse_wd='error' (MXNet refuses weight decay on row_sparse "
+                "gradients; sparse_wd='lazy' decays the touched rows)",
+                wd * m,
+            )
+
+
 def add_decayed_weights(
-    wd: chex.Numeric = 0.0, wd_mult: multipliers.MultiplierSpec = None
+    wd: chex.Numeric = 0.0,
+    wd_mult: multipliers.MultiplierSpec = None,
+    sparse_wd: str = "lazy",
 ) -> optax.GradientTransformation:
     """Adds L2 weight decay to the gradient, before the history sees it (MXNet 2.0's placement).
 
@@ -110,6 +133,10 @@ def add_decayed_weights(
       wd_mult: per-parameter multipliers (MXNet ``set_wd_mult``): ``None``, a pytree like the
         params, a callable ``params -> pytree`` or a dict ``{path: value}``; see
         :mod:`mx_adagrad.multipliers`.
+      sparse_wd: what weight decay does to a :class:`~mx_adagrad.RowSparse` gradient.
+        ``"lazy"`` (default): decay the rows present only, ``g[ids] + wd * w[ids]``; rows a step
+        does not touch are not decayed that step (the dense path decays every row every step).
+        ``"error"``: refuse ``wd * wd_mult != 0`` for RowSparse gradients, as MXNet does.
 
     Returns:
       An ``optax.GradientTransformation`` with an ``optax.EmptyState``. Its ``update`` needs
@@ -123,6 +150,7 @@ def add_decayed_weights(
       Array([0.1, 0.2], dtype=float32)
     """
     _checks.non_negative("add_decayed_weights", "wd", wd)
+    _checks.one_of("add_decayed_weights", "sparse_wd", sparse_wd, SPARSE_WD_MODES)
 
     def init_fn(params):
         multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, params)
@@ -132,8 +160,15 @@ def add_decayed_weights(
         _checks.require_params("add_decayed_weights", params)
         _checks.same_structure("add_decayed_weights", "updates", updates, "params", params)
         mults = multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, params)
-        updates = jax.tree.map(
-            lambda g, w, m: g + _like(wd * m, g) * w.astype(g.dtype), updates, params, mults
+        if sparse_wd == "error":
+            _refuse_sparse_decay(wd, updates, mults)
+        updates = sparse.map_leaves(
+            lambda g, w, m: sparse.on_rows(
+                lambda v, w: v + _like(wd * m, v) * w.astype(v.dtype), g, w
+            ),
+            updates,
+            params,
+            mults,
         )
         return updates, state
 
@@ -150,6 +185,14 @@ def _divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
     ``tests/test_fusion.py``.
     """
     return -(-numerator / denominator)
+
+
+def _accumulate(grad: chex.Array | sparse.RowSparse, history: chex.Array) -> chex.Array:
+    """``history + grad**2``; for a RowSparse gradient, only its rows are read and written."""
+    if not _checks.is_row_sparse(grad):
+        return history + grad * grad
+    grad = sparse.coalesce(grad)
+    return sparse.scatter(history, grad, sparse.gather(history, grad) + grad.values * grad.values)
 
 
 class ScaleByAdagradState(NamedTuple):
@@ -196,10 +239,16 @@ def scale_by_adagrad(
     def update_fn(updates, state, params=None):
         del params
         _checks.same_structure("scale_by_adagrad", "updates", updates, "state", state.history)
-        updates = jax.tree.map(lambda g, h: g.astype(h.dtype), updates, state.history)
-        history = jax.tree.map(lambda g, h: h + g * g, updates, state.history)
-        updates = jax.tree.map(
-            lambda g, h: _divide(g, jnp.sqrt(h) + _like(epsilon, h)), updates, history
+        updates = sparse.map_leaves(
+            lambda g, h: sparse.on_rows(lambda v: v.astype(h.dtype), g), updates, state.history
+        )
+        history = sparse.map_leaves(_accumulate, updates, state.history)
+        updates = sparse.map_leaves(
+            lambda g, h: sparse.on_rows(
+                lambda v, h: _divide(v, jnp.sqrt(h) + _like(epsilon, h)), g, h
+            ),
+            updates,
+            history,
         )
         return updates, ScaleByAdagradState(history)
 
@@ -278,7 +327,9 @@ def scale_by_schedule(
         del params
         lr = learning_rate_at(learning_rate, state.count, begin_num_update)
         mults = multipliers.resolve("scale_by_schedule", "lr_mult", lr_mult, updates)
-        updates = jax.tree.map(lambda u, m: u * _like(-lr * m, u), updates, mults)
+        updates = sparse.map_leaves(
+            lambda u, m: sparse.on_rows(lambda v: v * _like(-lr * m, v), u), updates, mults
+        )
         return updates, ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import chex
+import jax.numpy as jnp
 import optax
+
+from mx_adagrad import _checks, sparse
+
+
+def apply_update(param: chex.Array | None, update: Any) -> chex.Array | None:
+    """One leaf of :func:`apply_updates`."""
+    if param is None:
+        return None
+    if _checks.is_row_sparse(update):
+        return sparse.add(param, update)
+    return jnp.asarray(param + update).astype(jnp.asarray(param).dtype)
 
 
 def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
@@ -10,11 +25,13 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
 
     ::
 
-        weight = (weight + update).astype(weight.dtype)
+        weight = (weight + update).astype(weight.dtype)          # dense update
+        weight[ids] = (weight[ids] + rows).astype(weight.dtype)  # RowSparse update: rows only
 
     The sum is taken in the promoted dtype, so the float32 updates of ``multi_precision=True`` land
     a float16/bfloat16 weight on its float32 master copy. For dense leaves this is
-    ``optax.apply_updates``.
+    ``optax.apply_updates``; a :class:`~mx_adagrad.RowSparse` update writes its rows only (in
+    place when ``params`` are donated under ``jax.jit``), leaving every other row bit-identical.
 
     Args:
       params: the parameters.
@@ -23,4 +40,4 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
     Returns:
       The new parameters, with the structure and dtypes of ``params``.
     """
-    return optax.apply_updates(params, updates)
+    return sparse.map_leaves(lambda u, p: apply_update(p, u), updates, params)

@@ -1,0 +1,289 @@
+"""Row-sparse gradients: MXNet's ``row_sparse`` storage for embedding tables, as a JAX pytree.
+
+An embedding lookup touches a few thousand rows of a table with millions. Its gradient, as a
+:class:`RowSparse` leaf, holds only those rows: ``indices`` (which rows, duplicates allowed and
+meaning "sum these", any order) and ``values`` (one row of gradient each). The transforms of this
+package accept RowSparse leaves next to dense ones and update only the rows present::
+
+    ids, rows = coalesce(grad)            # once: sort, sum duplicates (segment-sum), pad
+    rows = clip(rescale_grad * rows)      # the summed rows, as the dense path would see them
+    rows = rows + wd * weight[ids]        # lazy weight decay, touched rows only
+    history[ids] += rows**2               # gather, update, scatter: O(rows touched)
+    update[ids] = -lr * rows / (sqrt(history[ids]) + epsilon)
+    weight[ids] += update[ids]            # apply_updates: one scatter
+
+Shapes stay static under ``jax.jit``: a gradient with ``n`` index slots is coalesced into ``n``
+slots, the unique ids first and padding after. Padding slots carry the id ``num_rows`` (one past
+the table) and zero values; gathers read zeros there and scatters drop them, so padding touches
+nothing. Ids that are negative or ``>= num_rows`` are treated like padding under ``jit`` (they
+update nothing); with concrete values they are an error, and :func:`check_indices` reports them
+inside ``jit`` through ``jax.experimental.checkify``.
+
+MXNet equivalent: ``mx.nd.sparse.row_sparse_array`` gradients and ``AdaGrad.fused_step``'s sparse
+kernel (``_sparse_adagrad_update``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from mx_adagrad import _checks
+
+
+@jax.tree_util.register_pytree_node_class
+class RowSparse:
+    """A gradient (or update) that is zero outside the rows ``indices``.
+
+    ``dense = zeros(dense_shape); dense[indices[i]] += values[i]`` for every ``i``.
+
+    Args:
+      indices: int32 or int64 array of shape ``(n,)``; duplicates are summed; any order.
+      values: array of shape ``(n, *dense_shape[1:])``.
+      dense_shape: the shape of the parameter (the table), static.
+      unique: static; True when ``indices`` are known sorted and unique, with padding slots
+        (``indices == dense_shape[0]``, zero values) at the end. Set by :func:`coalesce`.
+
+    MXNet equivalent: ``mx.nd.sparse.row_sparse_array((values, indices), shape=dense_shape)``.
+    """
+
+    def __init__(
+        self,
+        indices: chex.Array,
+        values: chex.Array,
+        dense_shape: Sequence[int],
+        unique: bool = False,
+    ) -> None:
+        indices, values = jnp.asarray(indices), jnp.asarray(values)
+        where = "RowSparse"
+        if not (
+            isinstance(dense_shape, (tuple, list))
+            and len(dense_shape) >= 1
+            and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dense_shape)
+        ):
+            _checks.fail(
+                where, "dense_shape", "a tuple of ints >= 0 with at least one entry", dense_shape
+            )
+        dense_shape = tuple(int(d) for d in dense_shape)
+        if not jnp.issubdtype(indices.dtype, jnp.integer) or indices.ndim != 1:
+            _checks.fail(
+                where,
+                "indices",
+                "a 1-D integer array",
+                _checks.shown(f"{indices.dtype}{list(indices.shape)}"),
+            )
+        expected = (indices.shape[0], *dense_shape[1:])
+        if values.shape != expected:
+            _checks.fail(
+                where, "values", f"of shape {expected}", _checks.shown(f"shape {values.shape}")
+            )
+        self.indices, self.values, self.dense_shape, self.unique = (
+            indices,
+            values,
+            dense_shape,
+            unique,
+        )
+        _check_concrete_indices(where, "indices", indices, dense_shape[0])
+
+    def tree_flatten(self):
+        return (self.indices, self.values), (self.dense_shape, self.unique)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        sparse = object.__new__(cls)
+        sparse.indices, sparse.values = children
+        sparse.dense_shape, sparse.unique = aux
+        return sparse
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape, so shape checks treat a RowSparse like the parameter it updates."""
+        return self.dense_shape
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    def replace_values(self, values: chex.Array) -> RowSparse:
+        """The same rows with other values (same slots, same padding)."""
+        return RowSparse.tree_unflatten((self.dense_shape, self.unique), (self.indices, values))
+
+    def todense(self) -> jax.Array:
+        """The dense array (for tests and small tables; it materializes ``dense_shape``)."""
+        zeros = jnp.zeros(self.dense_shape, self.values.dtype)
+        return zeros.at[self.indices].add(self.values, mode="drop")
+
+    def __repr__(self) -> str:
+        return (
+            f"RowSparse(indices={self.indices!r}, values={self.values!r}, "
+            f"dense_shape={self.dense_shape}, unique={self.unique})"
+        )
+
+
+def _check_concrete_indices(where: str, name: str, indices: chex.Array, num_rows: int) -> None:
+    """With concrete ids, a negative or too-large id is an error naming it; traced ids pass."""
+    if isinstance(indices, jax.core.Tracer):
+        return
+    ids = np.asarray(indices)
+    bad = ids[(ids < 0) | (ids >= num_rows)]
+    if bad.size:
+        _checks.fail(where, name, f"row ids in [0, {num_rows})", _checks.shown(f"id {int(bad[0])}"))
+
+
+def coalesce(grad: RowSparse) -> RowSparse:
+    """Sorts the ids and sums duplicate rows (a segment-sum), keeping the static slot count.
+
+    ::
+
+        ids = unique(indices)                         # sorted, padded to n slots with num_rows
+        values[k] = sum(values[i] for i where indices[i] == ids[k])
+
+    Out-of-range ids (negative or ``>= num_rows``) become padding. The sum is a sorted,
+    sequential reduction, so the same input gives bitwise the same output. A RowSparse that is
+    already coalesced is returned as is.
+    """
+    if grad.unique:
+        return grad
+    num_rows, n = grad.dense_shape[0], grad.indices.shape[0]
+    valid = (grad.indices >= 0) & (grad.indices < num_rows)
+    indices = jnp.where(valid, grad.indices, num_rows)
+    ids, slot = jnp.unique(indices, size=n, fill_value=num_rows, return_inverse=True)
+    slot = slot.reshape(n)
+    values = jnp.where(valid.reshape((n,) + (1,) * (grad.values.ndim - 1)), grad.values, 0)
+    summed = jax.ops.segment_sum(values, slot, num_segments=n)
+    # Padding slots received nothing; invalid ids were zeroed above and land on a padding slot.
+    summed = jnp.where((ids < num_rows).reshape((n,) + (1,) * (summed.ndim - 1)), summed, 0)
+    return RowSparse.tree_unflatten(
+        (grad.dense_shape, True), (ids.astype(grad.indices.dtype), summed)
+    )
+
+
+def gather(dense: chex.Array, grad: RowSparse) -> chex.Array:
+    """``dense[ids]`` for a coalesced ``grad``; zeros in the padding slots."""
+    return jnp.take(dense, grad.indices, axis=0, mode="fill", fill_value=0)
+
+
+def scatter(dense: chex.Array, grad: RowSparse, rows: chex.Array) -> chex.Array:
+    """``dense`` with ``dense[ids] = rows`` for a coalesced ``grad``; padding slots are dropped.
+
+    In place when ``dense`` is a donated buffer under ``jax.jit``.
+    """
+    return dense.at[grad.indices].set(rows.astype(dense.dtype), mode="drop")
+
+
+def add(dense: chex.Array, update: RowSparse) -> chex.Array:
+    """``(dense + update).astype(dense.dtype)``, computed and written for the rows present only.
+
+    The sum is taken in the promoted dtype, as for dense leaves, then cast and scattered back.
+    """
+    update = coalesce(update)
+    return scatter(dense, update, (gather(dense, update) + update.values).astype(dense.dtype))
+
+
+def on_rows(fn: Callable[..., chex.Array], grad: Any, *dense: chex.Array) -> Any:
+    """Applies the elementwise ``fn(grad, *dense)`` to a dense leaf, or to the summed rows of a
+    RowSparse leaf (with each of ``dense`` gathered at its rows), returning the same kind."""
+    if not _checks.is_row_sparse(grad):
+        return fn(grad, *dense)
+    grad = coalesce(grad)
+    return grad.replace_values(fn(grad.values, *(gather(d, grad) for d in dense)))
+
+
+def map_leaves(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
+    """``jax.tree.map`` over ``updates`` with each RowSparse taken whole, as one leaf."""
+    return jax.tree.map(fn, updates, *rest, is_leaf=_checks.is_row_sparse)
+
+
+def check_indices(grads: Any) -> None:
+    """Inside a ``checkify``-ed function: reports the first out-of-range id of every RowSparse.
+
+    Example::
+
+        @jax.jit
+        @functools.partial(checkify.checkify, errors=checkify.user_checks)
+        def train_step(params, opt_state, batch):
+            loss, grads = ...
+            mx_adagrad.sparse.check_indices(grads)
+            ...
+
+        error, (params, opt_state) = train_step(params, opt_state, batch)
+        error.throw()   # ValueError naming the leaf and the offending id
+    """
+    for path, leaf in zip(_checks.leaf_paths(grads), _checks.leaves(grads)):
+        if _checks.is_row_sparse(leaf) and not leaf.unique:
+            num_rows = leaf.dense_shape[0]
+            bad = (leaf.indices < 0) | (leaf.indices >= num_rows)
+            first = leaf.indices[jnp.argmax(bad)]
+            checkify.check(
+                ~jnp.any(bad),
+                f"mx_adagrad.RowSparse: grads[{path!r}] indices must be row ids in "
+                f"[0, {num_rows}), got id {{bad_id}}",
+                bad_id=first,
+            )
+
+
+def value_and_row_grad(
+    loss_fn: Callable[..., Any], tables: Sequence[str], has_aux: bool = False
+) -> Callable[..., Any]:
+    """Differentiates ``loss_fn`` with RowSparse gradients for the embedding tables named.
+
+    The returned function takes ``(params, ids, *args)`` with ``ids = {table_path: int array}``.
+    It gathers ``rows[path] = params[path][ids[path]]``, calls ``loss_fn(params, rows, *args)`` with
+    the tables removed from ``params`` (replaced by ``None``, so the model reads rows, never the
+    table), and differentiates with respect to the other params and the gathered rows. The table's
+    gradient is ``RowSparse(ids[path], d loss / d rows[path], table.shape)``: the dense gradient is
+    never formed. ``ids`` may have any shape (it is flattened; rows have shape
+    ``(*ids.shape, *table.shape[1:])``).
+
+    Args:
+      loss_fn: ``loss_fn(params_without_tables, rows, *args) -> loss`` (or ``(loss, aux)``).
+      tables: the ``"/"``-joined paths of the embedding tables in ``params``.
+      has_aux: as in ``jax.value_and_grad``.
+
+    Returns:
+      ``fn(params, ids, *args) -> (loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``),
+      ``grads`` shaped like ``params`` with a RowSparse at each table.
+    """
+    tables = tuple(tables)
+
+    def split(params: Any) -> tuple[Any, dict[str, Any]]:
+        paths = _checks.leaf_paths(params)
+        unknown = [t for t in tables if t not in paths]
+        if unknown:
+            _checks.fail("value_and_row_grad", "tables", f"paths of params ({paths[:8]})", unknown)
+        leaves = jax.tree.leaves(params)
+        found = {p: leaf for p, leaf in zip(paths, leaves) if p in tables}
+        rest = jax.tree.unflatten(
+            jax.tree.structure(params), [None if p in tables else x for p, x in zip(paths, leaves)]
+        )
+        return rest, found
+
+    def wrapped(params: Any, ids: Mapping[str, chex.Array], *args: Any):
+        if set(ids) != set(tables):
+            _checks.fail(
+                "value_and_row_grad", "ids", f"a dict with the keys {list(tables)}", list(ids)
+            )
+        rest, found = split(params)
+        rows = {p: jnp.take(found[p], ids[p], axis=0) for p in tables}
+        out, (grad_rest, grad_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
+            rest, rows, *args
+        )
+        paths = _checks.leaf_paths(params)
+        flat_rest = jax.tree.leaves(grad_rest)
+        leaves, it = [], iter(flat_rest)
+        for path in paths:
+            if path in tables:
+                table, flat_ids = found[path], ids[path].reshape(-1)
+                values = grad_rows[path].reshape((flat_ids.shape[0], *table.shape[1:]))
+                leaves.append(RowSparse(flat_ids, values, table.shape))
+            else:
+                leaves.append(next(it))
+        return out, jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+    return wrapped
