@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo lint format clean
+.PHONY: venv test demo bench lint format clean
 
 venv: $(PY)
 
@@ -11,8 +11,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# The tests cover the framework integrations (Flax, Haiku, Equinox, Orbax), so they take both extras.
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,examples]"
 	touch $@
 
 $(VENV)/.installed-examples: pyproject.toml | $(PY)
@@ -23,7 +24,11 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed-examples
-	$(PY) examples/quickstart.py
+	$(PY) examples/flax_digits.py
+
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/dense_step.py
+	$(PY) benchmarks/sparse_step.py --json benchmarks/results/sparse_step.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -183,6 +183,8 @@ def add(dense: chex.Array, update: RowSparse) -> chex.Array:
     The sum is taken in the promoted dtype, as for dense leaves, then cast and scattered back.
     """
     update = coalesce(update)
+    if update.values.dtype == dense.dtype:  # the sum needs no promotion: one scatter-add
+        return dense.at[update.indices].add(update.values, mode="drop")
     return scatter(dense, update, (gather(dense, update) + update.values).astype(dense.dtype))
 
 

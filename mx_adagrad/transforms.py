@@ -17,6 +17,7 @@ Hyperparameters may be Python numbers or (traced) JAX scalars, so every transfor
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import chex
@@ -102,6 +103,14 @@ def clip(clip_gradient: chex.Numeric | None = None) -> optax.GradientTransformat
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _decay(wd: chex.Numeric, grad: Any, weight: chex.Array, mult: chex.Numeric) -> Any:
+    """``grad + wd * mult * weight``; a RowSparse gradient with no decay is left as it is (MXNet's
+    sparse kernel has no decay term), so its weight rows are not even read."""
+    if _checks.is_row_sparse(grad) and _checks.concrete_float(wd * mult) == 0.0:
+        return sparse.coalesce(grad)
+    return sparse.on_rows(lambda v, w: v + _like(wd * mult, v) * w.astype(v.dtype), grad, weight)
+
+
 def _refuse_sparse_decay(wd: chex.Numeric, updates: optax.Updates, mults: Any) -> None:
     """sparse_wd='error': MXNet's refusal of weight decay on row_sparse gradients."""
     for path, g, m in zip(
@@ -162,14 +171,7 @@ def add_decayed_weights(
         mults = multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, params)
         if sparse_wd == "error":
             _refuse_sparse_decay(wd, updates, mults)
-        updates = sparse.map_leaves(
-            lambda g, w, m: sparse.on_rows(
-                lambda v, w: v + _like(wd * m, v) * w.astype(v.dtype), g, w
-            ),
-            updates,
-            params,
-            mults,
-        )
+        updates = sparse.map_leaves(partial(_decay, wd), updates, params, mults)
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
