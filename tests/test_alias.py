@@ -217,9 +217,10 @@ def test_apply_if_finite_skips_nan_steps_and_nan_propagates_without_it():
     assert np.isnan(plain[1][2]) and np.isfinite(np.delete(np.asarray(plain[1]), 2)).all()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from([jnp.float32, jnp.float16, jnp.bfloat16]),
     lr=st.floats(1e-4, 1.0),
     epsilon=st.sampled_from([0.0, 1e-8, 1e-6, 1e-3]),
     rescale_grad=st.floats(0.01, 4.0),
@@ -227,15 +228,24 @@ def test_apply_if_finite_skips_nan_steps_and_nan_propagates_without_it():
     wd=st.floats(0.0, 0.5),
     seed=st.integers(0, 2**16),
 )
-def test_property_matches_reference(shape, lr, epsilon, rescale_grad, clip_gradient, wd, seed):
+def test_property_matches_reference(
+    shape, dtype, lr, epsilon, rescale_grad, clip_gradient, wd, seed
+):
+    """float32 params directly; float16/bfloat16 through multi_precision's float32 master copy,
+    started from the low-precision weight and fed the low-precision gradients."""
     hyper = dict(epsilon=epsilon, rescale_grad=rescale_grad, clip_gradient=clip_gradient, wd=wd)
     weight, grads = random_problem(shape, steps=4, seed=seed)
-    got, _ = run(
-        mx_adagrad.adagrad(lr, **hyper), jnp.asarray(weight), list(map(jnp.asarray, grads))
-    )
+    weight = np.asarray(jnp.asarray(weight, dtype).astype(jnp.float32))
+    grads = [np.asarray(jnp.asarray(g, dtype).astype(jnp.float32)) for g in grads]
+    low = dtype != jnp.float32
+    tx = mx_adagrad.adagrad(lr, **hyper, multi_precision=low)
+    got, state = run(tx, jnp.asarray(weight, dtype), [jnp.asarray(g, dtype) for g in grads])
     want, _ = reference.mxnet2_run(weight, grads, lr=lr, **hyper)
+    master = state.master if low else got[-1]
     # A handful of float32 operations per step, 4 steps: well inside 1e-5 of the array's scale.
-    assert reference.relative_error(got[-1], want[-1]) <= 1e-5
+    assert reference.relative_error(master, want[-1]) <= 1e-5
+    if low:
+        np.testing.assert_array_equal(got[-1], state.master.astype(dtype))
 
 
 @pytest.mark.parametrize(
