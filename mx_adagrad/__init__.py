@@ -1,7 +1,8 @@
 """mx_adagrad: MXNet's AdaGrad as exact, composable, fused Optax gradient transformations."""
 
-from mx_adagrad import lr_scheduler, sparse
+from mx_adagrad import legacy, lr_scheduler, mxnet_io, sparse
 from mx_adagrad.alias import adagrad
+from mx_adagrad.compat import AdaGrad
 from mx_adagrad.precision import MultiPrecisionState, multi_precision
 from mx_adagrad.sparse import RowSparse, check_indices, value_and_row_grad
 from mx_adagrad.transforms import (
@@ -18,6 +19,7 @@ from mx_adagrad.updates import apply_updates
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGrad",
     "MultiPrecisionState",
     "RowSparse",
     "ScaleByAdagradState",
@@ -27,8 +29,10 @@ __all__ = [
     "apply_updates",
     "check_indices",
     "clip",
+    "legacy",
     "lr_scheduler",
     "multi_precision",
+    "mxnet_io",
     "rescale",
     "scale_by_adagrad",
     "scale_by_schedule",

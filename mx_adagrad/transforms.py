@@ -204,7 +204,10 @@ class ScaleByAdagradState(NamedTuple):
 
 
 def scale_by_adagrad(
-    epsilon: chex.Numeric = 1e-6, initial_accumulator_value: chex.Numeric = 0.0
+    epsilon: chex.Numeric = 1e-6,
+    initial_accumulator_value: chex.Numeric = 0.0,
+    *,
+    eps_inside_sqrt: bool = False,
 ) -> optax.GradientTransformation:
     """Accumulates squared gradients and divides by their root, with MXNet 2.0's epsilon placement.
 
@@ -214,11 +217,14 @@ def scale_by_adagrad(
         g = g / (sqrt(history) + epsilon)
 
     The history has the parameters' dtype (as MXNet's ``create_state``) and starts at
-    ``initial_accumulator_value`` (MXNet: 0; ``optax.adagrad``: 0.1).
+    ``initial_accumulator_value`` (MXNet: 0; ``optax.adagrad``: 0.1). With
+    ``eps_inside_sqrt=True`` the division is MXNet 1.x's (and ``optax.adagrad``'s)
+    ``g / sqrt(history + epsilon)``.
 
     Args:
       epsilon: added to the root, >= 0 (MXNet ``epsilon``; default 1e-6 as MXNet 2.0).
       initial_accumulator_value: the history's first value, >= 0.
+      eps_inside_sqrt: put ``epsilon`` under the square root (MXNet 1.x ``float_stable_eps``).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdagradState`.
@@ -234,6 +240,11 @@ def scale_by_adagrad(
     _checks.finite("scale_by_adagrad", "initial_accumulator_value", initial_accumulator_value)
     _checks.non_negative("scale_by_adagrad", "initial_accumulator_value", initial_accumulator_value)
 
+    def _root(history):
+        if eps_inside_sqrt:
+            return jnp.sqrt(history + _like(epsilon, history))
+        return jnp.sqrt(history) + _like(epsilon, history)
+
     def init_fn(params):
         _checks.floating("scale_by_adagrad", "params", params)
         return ScaleByAdagradState(optax.tree.full_like(params, initial_accumulator_value))
@@ -246,9 +257,7 @@ def scale_by_adagrad(
         )
         history = sparse.map_leaves(_accumulate, updates, state.history)
         updates = sparse.map_leaves(
-            lambda g, h: sparse.on_rows(
-                lambda v, h: _divide(v, jnp.sqrt(h) + _like(epsilon, h)), g, h
-            ),
+            lambda g, h: sparse.on_rows(lambda v, h: _divide(v, _root(h)), g, h),
             updates,
             history,
         )

@@ -57,3 +57,21 @@ def relative_error(actual, expected) -> float:
     expected = np.asarray(expected, np.float64)
     scale = max(np.max(np.abs(expected)), np.finfo(np.float64).tiny)
     return float(np.max(np.abs(actual - expected)) / scale)
+
+
+def mxnet1_step(
+    weight, grad, history, *, lr, eps=1e-7, rescale_grad=1.0, clip_gradient=None, wd=0.0
+):
+    """One step of MXNet 1.9.1's ``AdaGrad`` (``mxnet.optimizer.optimizer``), in float64.
+
+    grad = clip(grad * rescale_grad, clip_gradient)
+    history += square(grad)
+    weight += (grad / sqrt(history + eps) + weight * wd) * -lr
+    """
+    weight, grad, history = (np.asarray(x, np.float64) for x in (weight, grad, history))
+    grad = grad * rescale_grad
+    if clip_gradient is not None:
+        grad = np.clip(grad, -clip_gradient, clip_gradient)
+    history = history + np.square(grad)
+    weight = weight + (grad / np.sqrt(history + eps) + weight * wd) * -lr
+    return weight, history
