@@ -181,3 +181,61 @@ def test_resumed_run_is_bitwise_identical(
         range(SAVE_AT, SAVE_AT + MORE),
     )
     assert_bitwise_equal(resumed, full)
+
+
+ROWS = 32
+
+
+def init_embedding(key: jax.Array) -> dict:
+    """An embedding table trained with RowSparse gradients, next to a dense projection."""
+    k_table, k_proj = jax.random.split(key)
+    return {
+        "embed": jax.random.normal(k_table, (ROWS, IN)),
+        "proj": jax.random.normal(k_proj, (IN, OUT)),
+    }
+
+
+def sparse_train(
+    tx: optax.GradientTransformation, params: dict, opt_state: optax.OptState, steps: range
+) -> tuple[dict, optax.OptState]:
+    """Like ``train``, with the table's gradient a RowSparse of the looked-up rows."""
+
+    def row_loss(params, rows, y):
+        return jnp.mean((rows["embed"] @ params["proj"] - y) ** 2)
+
+    grad_fn = mx_adagrad.value_and_row_grad(row_loss, ["embed"])
+
+    @jax.jit
+    def train_step(params, opt_state, ids, y):
+        _, grads = grad_fn(params, {"embed": ids}, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return mx_adagrad.apply_updates(params, updates), opt_state
+
+    for step in steps:
+        rng = np.random.default_rng(step)
+        ids = rng.integers(0, ROWS, 8).astype(np.int32)
+        params, opt_state = train_step(params, opt_state, ids, batch(step)[1])
+    return params, opt_state
+
+
+@pytest.mark.parametrize(
+    "roundtrip",
+    [roundtrip_standard_checkpointer, roundtrip_checkpoint_manager],
+    ids=["StandardCheckpointer", "CheckpointManager"],
+)
+def test_row_sparse_table_run_resumes_bitwise(roundtrip: Any, tmp_path: pathlib.Path) -> None:
+    key = jax.random.key(1)
+    tx = make_tx(multi_precision=False)
+    params = init_embedding(key)
+    full = sparse_train(tx, params, tx.init(params), range(SAVE_AT + MORE))
+    saved = dict(
+        zip(("params", "opt_state"), sparse_train(tx, params, tx.init(params), range(SAVE_AT)))
+    )
+    abstract_params = jax.eval_shape(init_embedding, key)
+    target = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params)}
+    restored = roundtrip(tmp_path / "checkpoints", SAVE_AT, saved, target)
+    assert_bitwise_equal(restored, saved)
+    resumed = sparse_train(
+        tx, restored["params"], restored["opt_state"], range(SAVE_AT, SAVE_AT + MORE)
+    )
+    assert_bitwise_equal(resumed, full)
