@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import types
 from contextlib import nullcontext
-from pathlib import Path
 
 import chex
 import jax
@@ -16,17 +14,7 @@ import pytest
 import mx_adagrad
 from mx_adagrad import compat, legacy, lr_scheduler
 from tests import reference
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def load(name):
-    data = np.load(FIXTURES / f"{name}.npz", allow_pickle=False)
-    return data, json.loads(str(data["config_json"]))
-
-
-def optional(value):
-    return None if np.isnan(value) else float(value)
+from tests.mxnet_fixtures import load, optional
 
 
 def keys(mapping):

@@ -202,6 +202,8 @@ def test_equinox_partition() -> None:
 
 def load_example(name: str) -> ModuleType:
     """Imports ``examples/<name>.py`` as a module (examples/ is not a package)."""
+    if str(EXAMPLES) not in sys.path:  # the examples import their shared module, digits.py
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -6,29 +6,16 @@ AdaGrad step written as an ``mx.optimizer.Optimizer`` subclass and run through M
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import mx_adagrad
 from mx_adagrad import lr_scheduler
 from tests import reference
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def load(name):
-    data = np.load(FIXTURES / f"{name}.npz", allow_pickle=False)
-    return data, json.loads(str(data["config_json"]))
-
-
-def optional(value):
-    return None if np.isnan(value) else float(value)
+from tests.mxnet_fixtures import load, optional
 
 
 def replay(tx, params, grads):
