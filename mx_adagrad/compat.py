@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mx_adagrad import _checks, alias
+from mx_adagrad import _checks, alias, sparse
 from mx_adagrad.lr_scheduler import LRScheduler
 from mx_adagrad.precision import LOW_PRECISION_DTYPES
 from mx_adagrad.updates import apply_updates
@@ -264,7 +264,7 @@ def _fused(
     split = [_split(w, s) for w, s in zip(weights, states)]
     working = [w for w, _, _ in split]
     grads = [
-        g if not master else jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        sparse.on_rows(lambda v: v.astype(jnp.float32), g) if master else g
         for g, (_, _, master) in zip(grads, split)
     ]
     tx = make_transform(

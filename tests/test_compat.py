@@ -294,3 +294,28 @@ def test_legacy_matches_the_float64_1x_formula(eps, wd):
         params = mx_adagrad.apply_updates(params, updates)
         want, history = reference.mxnet1_step(want, grad, history, lr=0.1, eps=eps, **hyper)
     within(params, want)
+
+
+def test_multi_precision_row_sparse_table_through_fused_step():
+    rng = np.random.default_rng(12)
+    table = jnp.asarray(rng.normal(size=(10, 3)), jnp.float16)
+    grads = [
+        mx_adagrad.RowSparse(
+            rng.integers(0, 10, 4).astype(np.int32),
+            rng.normal(size=(4, 3)).astype(np.float16),
+            (10, 3),
+        )
+        for _ in range(5)
+    ]
+    opt = mx_adagrad.AdaGrad(learning_rate=0.1, multi_precision=True)
+    weights = [table]
+    states = [opt.create_state_multi_precision(0, table)]
+    tx = mx_adagrad.adagrad(0.1, multi_precision=True)
+    params, tx_state = table, tx.init(table)
+    for grad in grads:
+        opt.update([0], weights, [grad], states)
+        updates, tx_state = tx.update(grad, tx_state, params)
+        params = mx_adagrad.apply_updates(params, updates)
+    # The Optimizer API and the functional API: the same arithmetic on the same master copy.
+    np.testing.assert_array_equal(states[0][0], tx_state.master)
+    np.testing.assert_array_equal(weights[0], params)
