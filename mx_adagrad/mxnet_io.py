@@ -1,6 +1,6 @@
 """Read MXNet checkpoints without MXNet: ``.params`` NDArray files and Gluon ``trainer.states``.
 
-Neither reader imports mxnet or executes anything stored in the file:
+None of these functions imports mxnet or executes anything stored in the file:
 
 * :func:`load_params` decodes the NDArray list written by ``mx.nd.save`` / ``mx.npx.save``, which
   is what Gluon's ``save_parameters``, ``HybridBlock.export`` and Module's ``save_checkpoint``
@@ -8,6 +8,11 @@ Neither reader imports mxnet or executes anything stored in the file:
 * :func:`load_trainer_states` reads the pickle written by Gluon's ``Trainer.save_states`` (MXNet's
   ``Updater.get_states``) with an unpickler that resolves a fixed list of MXNet classes to inert
   stand-ins and refuses every other global, so nothing in the file gets called.
+* :func:`restore` and :func:`restore_functional` read both files of a Gluon checkpoint
+  (``net.save_parameters`` and ``trainer.save_states``) and return an optimizer, weights and states
+  that continue the training where MXNet stopped: MXNet's Optimizer API
+  (:class:`mx_adagrad.AdaGrad`, :class:`mx_adagrad.legacy.AdaGrad`) or an optax transformation with
+  its state.
 
 NDArray list file (``.params``), every integer little-endian::
 
@@ -39,20 +44,26 @@ after the shape. Before V3, ndim 0 meant the same; in V3 it is a 0-d (scalar) ar
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 import os
 import pickle
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeAlias
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from mx_adagrad._checks import fail
+from mx_adagrad import alias, compat, legacy, lr_scheduler
+from mx_adagrad._checks import fail, shown
+from mx_adagrad.precision import LOW_PRECISION_DTYPES
 
-__all__ = ["State", "load_params", "load_trainer_states"]
+__all__ = ["State", "load_params", "load_trainer_states", "restore", "restore_functional"]
 
 State: TypeAlias = "np.ndarray | tuple[State, ...] | None"
 """One parameter's optimizer state from a ``trainer.states`` file: an array, ``None``, or a tuple."""
@@ -505,3 +516,562 @@ def load_trainer_states(
             "the pickled objects are nested too deeply or contain themselves"
         ) from error
     return result, info
+
+
+# --------------------------------------------------------------------------------------------
+# restore: a Gluon checkpoint (net.params + trainer.states) as an mx_adagrad optimizer
+
+TrainerOrder: TypeAlias = "Sequence[str] | Mapping[str, str] | None"
+"""``trainer_order`` of :func:`restore`: structural names by Trainer index, or {structural: full}."""
+
+_MXNET1_ADAGRAD = _OPTIMIZERS[0]
+# Entries listed in a pairing error before the rest are only counted.
+_MAX_LISTED = 12
+
+
+def _trainer_order(params: dict[str, np.ndarray], trainer_order: Any) -> list[str]:
+    """The structural names in the Trainer's index order (``names[i]`` has Trainer index ``i``)."""
+    if trainer_order is None:
+        return sorted(params)
+    if isinstance(trainer_order, Mapping):
+        full_names = list(trainer_order.values())
+        strings = all(isinstance(full, str) for full in full_names)
+        if not strings or len(set(full_names)) != len(full_names):
+            fail(
+                "restore",
+                "the full names (values) of trainer_order",
+                "distinct strings",
+                full_names,
+            )
+        names = sorted(trainer_order, key=trainer_order.__getitem__)
+    elif isinstance(trainer_order, Sequence) and not isinstance(trainer_order, str):
+        names = list(trainer_order)
+    else:
+        fail(
+            "restore",
+            "trainer_order",
+            "None, a list of structural names in the Trainer's index order, or a dict "
+            "{structural name: full name}",
+            trainer_order,
+        )
+    unknown = [name for name in names if not isinstance(name, str) or name not in params]
+    if unknown:
+        fail(
+            "restore",
+            "every name in trainer_order",
+            f"a name in the .params file ({', '.join(map(repr, params))})",
+            shown(", ".join(map(repr, unknown))),
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        fail("restore", "every name in trainer_order", "listed once", shown(", ".join(repeated)))
+    return names
+
+
+def _check_state(index: int, state: State) -> tuple[np.ndarray, ...]:
+    """The arrays of one AdaGrad state: ``(history,)`` or ``(master, history)``."""
+    arrays = state if isinstance(state, tuple) else (state,)
+    if len(arrays) not in (1, 2) or not all(isinstance(a, np.ndarray) for a in arrays):
+        fail(
+            "restore",
+            f"the state of Trainer index {index}",
+            "an AdaGrad history array, or a (float32 master, history) pair (multi_precision)",
+            shown(repr(state) if state is None else f"a {type(state).__name__} of {len(arrays)}"),
+        )
+    return arrays
+
+
+def _pair(
+    states: dict[int | str, State],
+    names: list[str],
+    params: dict[str, np.ndarray],
+    explicit: bool,
+    sources: str,
+) -> list[int]:
+    """The Trainer indices that have a state, sorted, after checking each against its weight."""
+    keys = list(states)
+    for key in keys:
+        if isinstance(key, bool) or not isinstance(key, int):
+            fail(
+                "restore",
+                "every key of the trainer.states file",
+                "a Gluon Trainer index (int; a Module updating on a kvstore keys states by name, "
+                "which restore does not read)",
+                key,
+            )
+    problems = []
+    for index in sorted(keys):
+        arrays = _check_state(index, states[index])
+        if not 0 <= index < len(names):
+            problems.append(f"index {index}: no parameter ({len(names)} names in the order)")
+            continue
+        name = names[index]
+        shape = params[name].shape
+        if any(a.shape != shape for a in arrays):
+            state_shapes = ", ".join(str(a.shape) for a in arrays)
+            problems.append(
+                f"index {index} -> {name!r}: weight shape {shape}, state shape {state_shapes}"
+            )
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED])
+        if len(problems) > _MAX_LISTED:
+            listed += f"; and {len(problems) - _MAX_LISTED} more"
+        rule = (
+            "the trainer_order given"
+            if explicit
+            else "the default rule (Trainer index i = the i-th sorted structural name)"
+        )
+        raise ValueError(
+            f"mx_adagrad.restore: {sources}: the optimizer states do not pair with the weights "
+            f"under {rule}: {listed}. Gluon's Trainer numbers parameters by their sorted full "
+            "names (e.g. conv0_weight), which neither file stores, and that order can differ "
+            "from the sorted structural names. Pass trainer_order=[structural names in the "
+            "Trainer's index order], or trainer_order={structural name: full name} (sorted by "
+            "full name); for Trainer(net.collect_params()) in MXNet 1.x that dict is "
+            "{name: p.name for name, p in net._collect_params_with_prefix().items()}"
+        )
+    return sorted(keys)
+
+
+def _remap(
+    table: Any, what: str, positions: dict[int, int], count: int, sources: str
+) -> dict[Any, Any]:
+    """An index-keyed optimizer table with Trainer indices replaced by positions 0..n-1.
+
+    Names (str keys) are kept. Indices of parameters without a state are dropped: they are not
+    among the returned lists and never updated.
+    """
+    if not isinstance(table, dict):
+        fail("restore", f"the pickled {what}", "a dict", table)
+    remapped = {}
+    for key, value in table.items():
+        if isinstance(key, bool) or not isinstance(key, int):
+            remapped[key] = value
+        elif key in positions:
+            remapped[positions[key]] = value
+        elif not 0 <= key < count:
+            raise ValueError(
+                f"mx_adagrad.restore: {sources}: the pickled {what} has an entry for Trainer "
+                f"index {key}, but the order has {count} parameters; pass trainer_order with "
+                "every parameter the Trainer was given"
+            )
+    return remapped
+
+
+def _attributes(pickled: dict[str, Any], names: str, sources: str) -> list[Any]:
+    missing = [name for name in names.split() if name not in pickled]
+    if missing:
+        raise ValueError(
+            f"mx_adagrad.restore: {sources}: the pickled {pickled['class']} has no attribute "
+            f"{', '.join(missing)}"
+        )
+    return [pickled[name] for name in names.split()]
+
+
+def _not_continued(pickled: dict[str, Any], sources: str, reason: str) -> ValueError:
+    name = pickled["class"].rsplit(".", 1)[1]
+    return ValueError(
+        f"mx_adagrad.restore: {sources}: the pickled {pickled['class']} cannot be continued "
+        f"exactly by mx_adagrad.lr_scheduler.{name}: {reason}. Read the file with "
+        "load_trainer_states and build the optimizer with the schedule you want"
+    )
+
+
+def _factor(
+    pickled: dict[str, Any], start: float, first: int, warmup: dict[str, Any], sources: str
+) -> lr_scheduler.FactorScheduler:
+    step, factor, stop, count, current, constructed = _attributes(
+        pickled, "step factor stop_factor_lr count base_lr warmup_final_lr", sources
+    )
+    scheduler = lr_scheduler.FactorScheduler(step, factor, stop, constructed, **warmup)
+    if start != constructed:
+        scheduler = scheduler.with_base_lr(start)
+    if not isinstance(count, int) or count < 0 or count % step:
+        raise _not_continued(pickled, sources, f"its count {count!r} is not a multiple of step")
+    decays = count // step
+    expected = scheduler._eager(count + 1) if decays else start
+    if current != expected:
+        raise _not_continued(
+            pickled,
+            sources,
+            f"its base_lr {current!r} is not {start!r} decayed count/step = {decays} times "
+            f"({expected!r})",
+        )
+    if (first - 1) // step < decays and scheduler(first) != current:
+        raise _not_continued(
+            pickled,
+            sources,
+            f"its count ({count}) is ahead of the update count (the object was called with a "
+            f"larger num_update before this optimizer used it), so MXNet keeps {current!r} "
+            f"through update {count + step}, where the schedule from base_lr {start!r} gives "
+            f"{scheduler(first)!r} at update {first}",
+        )
+    return scheduler
+
+
+def _multi_factor(
+    pickled: dict[str, Any], start: float, first: int, warmup: dict[str, Any], sources: str
+) -> lr_scheduler.MultiFactorScheduler:
+    steps, factor, index, current, constructed = _attributes(
+        pickled, "step factor cur_step_ind base_lr warmup_final_lr", sources
+    )
+    scheduler = lr_scheduler.MultiFactorScheduler(steps, factor, constructed, **warmup)
+    if start != constructed:
+        scheduler = scheduler.with_base_lr(start)
+    if not isinstance(index, int) or not 0 <= index <= len(scheduler.step):
+        raise _not_continued(
+            pickled, sources, f"its cur_step_ind {index!r} is not in [0, {len(scheduler.step)}]"
+        )
+    expected = scheduler._levels[index]
+    if current != expected:
+        raise _not_continued(
+            pickled,
+            sources,
+            f"its base_lr {current!r} is not {start!r} decayed cur_step_ind = {index} times "
+            f"({expected!r})",
+        )
+    if bisect.bisect_left(scheduler.step, first) < index and scheduler(first) != current:
+        raise _not_continued(
+            pickled,
+            sources,
+            f"it has passed step[{index - 1}] = {scheduler.step[index - 1]} already (the object "
+            "was called with a larger num_update before this optimizer used it), so MXNet keeps "
+            f"{current!r} where the schedule gives {scheduler(first)!r} at update {first}",
+        )
+    return scheduler
+
+
+def _annealing(
+    pickled: dict[str, Any], first: int, warmup: dict[str, Any], sources: str
+) -> lr_scheduler.PolyScheduler | lr_scheduler.CosineScheduler:
+    original, max_update, final_lr, current, constructed = _attributes(
+        pickled, "base_lr_orig max_update final_lr base_lr warmup_final_lr", sources
+    )
+    if original != constructed:
+        raise _not_continued(
+            pickled,
+            sources,
+            f"its base_lr_orig {original!r} differs from its warmup_final_lr {constructed!r} "
+            "(MXNet sets both to the constructor's base_lr)",
+        )
+    kwargs = dict(max_update=max_update, base_lr=original, final_lr=final_lr, **warmup)
+    if pickled["class"].endswith("PolyScheduler"):
+        (power,) = _attributes(pickled, "power", sources)
+        scheduler = lr_scheduler.PolyScheduler(pwr=power, **kwargs)
+    else:
+        scheduler = lr_scheduler.CosineScheduler(**kwargs)
+    if scheduler.max_steps < 0:
+        # max_update < warmup_steps: after warmup MXNet returns base_lr, never recomputed.
+        return scheduler.with_base_lr(current) if current != scheduler.base_lr else scheduler
+    if first > max_update and scheduler(first) != current:
+        raise _not_continued(
+            pickled,
+            sources,
+            f"the updates go on past max_update ({max_update}), where MXNet keeps returning the "
+            f"last value it computed, {current!r}; the schedule holds its value at max_update, "
+            f"{scheduler(first)!r} (MXNet's object was not called at max_update)",
+        )
+    return scheduler
+
+
+def _scheduler(
+    pickled: dict[str, Any] | None, lr: float | None, num_update: int, sources: str
+) -> lr_scheduler.LRScheduler | None:
+    """The :mod:`mx_adagrad.lr_scheduler` scheduler that continues MXNet's pickled one exactly.
+
+    MXNet's schedulers are stateful; the classes here are pure functions of ``num_update`` equal
+    to a fresh MXNet object called with non-decreasing counts. The pickled object is continued
+    exactly when its state is one that such a fresh object (with the optimizer's
+    ``learning_rate`` as its ``base_lr``, as MXNet's Optimizer assigns) reaches by
+    ``num_update``, or when the difference cannot show after ``num_update``; otherwise this
+    raises.
+    """
+    if pickled is None:
+        return None
+    if pickled["class"] == "mxnet.lr_scheduler.LRScheduler":
+        raise ValueError(
+            f"mx_adagrad.restore: {sources}: the pickled lr_scheduler is MXNet's base class "
+            "mxnet.lr_scheduler.LRScheduler, which has no schedule (MXNet raises "
+            "NotImplementedError when it is called)"
+        )
+    steps, begin, mode, constructed = _attributes(
+        pickled, "warmup_steps warmup_begin_lr warmup_mode warmup_final_lr", sources
+    )
+    warmup = dict(warmup_steps=steps, warmup_begin_lr=begin, warmup_mode=mode)
+    # The first update the restored optimizer makes, or the end of the warmup if that is later:
+    # before it both give the warmup values, which depend on the constructor's arguments only.
+    first = max(num_update + 1, steps)
+    start = constructed if lr is None else lr
+    if pickled["class"] == "mxnet.lr_scheduler.FactorScheduler":
+        return _factor(pickled, start, first, warmup, sources)
+    if pickled["class"] == "mxnet.lr_scheduler.MultiFactorScheduler":
+        return _multi_factor(pickled, start, first, warmup, sources)
+    return _annealing(pickled, first, warmup, sources)
+
+
+def _optimizer(
+    info: dict[str, Any], positions: dict[int, int], count: int, sources: str
+) -> compat.Optimizer:
+    """The MXNet optimizer pickled in ``info``, with its tables keyed by positions."""
+    (
+        lr,
+        scheduler,
+        wd,
+        rescale_grad,
+        clip_gradient,
+        multi_precision,
+        begin_num_update,
+        num_update,
+        counts,
+        lr_mult,
+        wd_mult,
+        idx2name,
+    ) = _attributes(
+        info,
+        "lr lr_scheduler wd rescale_grad clip_gradient multi_precision begin_num_update "
+        "num_update _index_update_count lr_mult wd_mult idx2name",
+        sources,
+    )
+    if isinstance(num_update, bool) or not isinstance(num_update, int) or num_update < 0:
+        fail("restore", "the pickled num_update", "an int >= 0", num_update)
+    scheduler = _scheduler(scheduler, lr, num_update, sources)
+    hyperparameters = dict(
+        learning_rate=None if scheduler is not None else lr,
+        lr_scheduler=scheduler,
+        wd=wd,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        multi_precision=bool(multi_precision),
+        begin_num_update=begin_num_update,
+        param_idx2name=_remap(idx2name, "idx2name", positions, count, sources),
+    )
+    if info["class"] == _MXNET1_ADAGRAD:
+        (eps,) = _attributes(info, "float_stable_eps", sources)
+        optimizer: compat.Optimizer = legacy.AdaGrad(eps=eps, **hyperparameters)
+    else:
+        (epsilon,) = _attributes(info, "epsilon", sources)
+        optimizer = compat.AdaGrad(epsilon=epsilon, **hyperparameters)
+    # Assigned, not set_lr_mult/set_wd_mult: the pickled dicts already hold MXNet's defaults.
+    optimizer.lr_mult = _remap(lr_mult, "lr_mult", positions, count, sources)
+    optimizer.wd_mult = _remap(wd_mult, "wd_mult", positions, count, sources)
+    optimizer.num_update = num_update
+    optimizer._index_update_count = _remap(counts, "_index_update_count", positions, count, sources)
+    return optimizer
+
+
+def restore(
+    params_path: str | os.PathLike[str],
+    states_path: str | os.PathLike[str],
+    *,
+    trainer_order: TrainerOrder = None,
+) -> tuple[compat.Optimizer, list[jax.Array], list[Any], list[str]]:
+    """Resumes a Gluon checkpoint with MXNet's Optimizer API, without MXNet.
+
+    MXNet equivalent: ``net.load_parameters(params_path)`` and ``trainer.load_states(states_path)``
+    on a ``gluon.Trainer(net.collect_params(), 'adagrad', ...)``, then ``trainer.step``. Here::
+
+        optimizer, weights, states, names = restore("net.params", "trainer.states")
+        optimizer.update(list(range(len(weights))), weights, grads, states)  # grads[i]: names[i]
+
+    continues the training as MXNet would have: ``grads`` are the raw gradients (the pickled
+    ``rescale_grad``, ``1 / batch_size`` after Gluon's ``trainer.step(batch_size)``, is applied by
+    the optimizer; change ``optimizer.rescale_grad`` if the batch size changes, as
+    ``trainer.step`` does).
+
+    **Pairing.** ``trainer.states`` keys each state by its Trainer index, the parameter's position
+    in ``Trainer(net.collect_params())``, which MXNet 1.x sorts by *full* name (``conv0_weight``,
+    ``dense0_bias``). Neither file stores full names: ``save_parameters`` writes structural names
+    (``0.weight``, ``1.gamma``). By default index ``i`` is paired with the ``i``-th sorted
+    structural name, which is the Trainer's order for common layouts (a stack of Dense layers,
+    where both sorts agree) but not for others (a Conv2D followed by BatchNorm: ``batchnorm0_*``
+    sorts before ``conv0_*``, ``0.*`` before ``1.*``). Every pair is checked: each state (and
+    master copy) must have its weight's shape and each index must name a parameter; otherwise a
+    ``ValueError`` lists the entries (index, structural name, shapes) and asks for
+    ``trainer_order``. The check cannot catch a swap of two parameters of the same shape: pass
+    ``trainer_order`` whenever the two sorts may disagree. Parameters with ``grad_req='null'``
+    (BatchNorm's running mean and variance) take an index but have no state.
+
+    Args:
+      params_path: the ``net.save_parameters`` file (names are the structural names).
+      states_path: the ``trainer.save_states`` file of the same step (it must hold the optimizer,
+        as ``save_states`` writes it).
+      trainer_order: ``None`` (the default rule above); the structural names in the Trainer's
+        index order, every parameter the Trainer was given (those without a state included); or
+        a dict ``{structural name: full name}``, which is sorted by full name. In MXNet 1.x,
+        ``{name: p.name for name, p in net._collect_params_with_prefix().items()}`` is that dict
+        for ``Trainer(net.collect_params())``. The dict form also pairs an ``export`` file:
+        ``{"arg:dense0_weight": "dense0_weight", ...}``.
+
+    Returns:
+      ``(optimizer, weights, states, names)``, the lists covering the parameters that have a
+      state (the trainable ones), in Trainer index order:
+
+      * ``optimizer``: :class:`mx_adagrad.legacy.AdaGrad` for a pickled MXNet 1.x
+        ``mxnet.optimizer.optimizer.AdaGrad`` (``float_stable_eps`` as ``eps``), or
+        :class:`mx_adagrad.AdaGrad` for MXNet 2.0's ``mxnet.optimizer.adagrad.AdaGrad``
+        (``epsilon``), with the pickled ``lr``, ``wd``, ``rescale_grad``, ``clip_gradient``,
+        ``multi_precision``, ``begin_num_update`` and ``num_update``. Everything MXNet keys by
+        Trainer index is keyed by position ``0..n-1`` here: the per-parameter update counts
+        (``_index_update_count``), the ``lr_mult``/``wd_mult`` index entries and ``idx2name``
+        (name entries are kept). A pickled ``lr_scheduler`` becomes the
+        :mod:`mx_adagrad.lr_scheduler` class that gives MXNet's values for every later
+        ``num_update`` (see Raises).
+      * ``weights``: ``jax.Array`` s, with the stored dtypes.
+      * ``states``: the AdaGrad history of each weight, or ``(float32 master, history)`` for a
+        float16 weight trained with ``multi_precision``.
+      * ``names``: the structural names, ``names[i]`` for ``weights[i]``.
+
+      The parameters without a state (BatchNorm running statistics, frozen parameters) are not
+      returned: read them with :func:`load_params`.
+
+      Gluon's per-parameter ``Parameter.lr_mult`` / ``wd_mult`` live in ``optimizer.param_dict``,
+      which MXNet does not save (and which, in a Trainer, takes precedence over the pickled
+      ``lr_mult``/``wd_mult`` dicts, normally empty in Gluon); if the net set them, set them
+      again by position: ``optimizer.set_lr_mult({i: value})``.
+
+    Raises:
+      ValueError: for a file :func:`load_params` or :func:`load_trainer_states` rejects, a
+        ``.params`` file without names, a ``trainer.states`` file without the optimizer, a bad
+        ``trainer_order``, states that do not pair with the weights (see above), or a pickled
+        ``lr_scheduler`` whose saved state no :mod:`mx_adagrad.lr_scheduler` scheduler continues
+        exactly (a scheduler object that was called with a larger ``num_update`` before this
+        optimizer used it; a Poly or Cosine scheduler first called after its ``max_update``).
+      OSError: if a file cannot be read.
+    """
+    sources = f"{os.fspath(params_path)!r} and {os.fspath(states_path)!r}"
+    params = load_params(params_path)
+    if not isinstance(params, dict):
+        fail(
+            "restore",
+            "params_path",
+            "a .params file with names (Gluon's save_parameters)",
+            shown(f"{os.fspath(params_path)!r}, a list of {len(params)} unnamed arrays"),
+        )
+    states, info = load_trainer_states(states_path)
+    if info is None:
+        fail(
+            "restore",
+            "states_path",
+            "a trainer.states file that holds the optimizer (Trainer.save_states)",
+            shown(f"{os.fspath(states_path)!r}, which holds the states only"),
+        )
+    names = _trainer_order(params, trainer_order)
+    indices = _pair(states, names, params, trainer_order is not None, sources)
+    positions = {index: position for position, index in enumerate(indices)}
+    optimizer = _optimizer(info, positions, len(names), sources)
+    restored = [
+        tuple(jnp.asarray(a) for a in state) if isinstance(state, tuple) else jnp.asarray(state)
+        for state in (states[index] for index in indices)
+    ]
+    trained = [names[index] for index in indices]
+    return optimizer, [jnp.asarray(params[name]) for name in trained], restored, trained
+
+
+def restore_functional(
+    params_path: str | os.PathLike[str],
+    states_path: str | os.PathLike[str],
+    *,
+    trainer_order: TrainerOrder = None,
+) -> tuple[optax.GradientTransformation, dict[str, jax.Array], optax.OptState]:
+    """Resumes a Gluon checkpoint as an optax transformation, its parameters and its state.
+
+    MXNet equivalent: as :func:`restore` (``load_parameters`` and ``load_states``, then
+    ``trainer.step``); the same files, paired by the same rule, give::
+
+        tx, params, opt_state = restore_functional("net.params", "trainer.states")
+        updates, opt_state = tx.update(grads, opt_state, params)  # grads: {name: raw grad}
+        params = mx_adagrad.apply_updates(params, updates)
+
+    Args:
+      params_path: the ``net.save_parameters`` file.
+      states_path: the ``trainer.save_states`` file of the same step.
+      trainer_order: as in :func:`restore`.
+
+    Returns:
+      ``(tx, params, opt_state)``:
+
+      * ``tx``: :func:`mx_adagrad.legacy.adagrad` (MXNet 1.x) or :func:`mx_adagrad.adagrad`
+        (MXNet 2.0) with the pickled ``learning_rate`` or ``lr_scheduler`` (converted as in
+        :func:`restore`), ``eps``/``epsilon``, ``rescale_grad``, ``clip_gradient``, ``wd``,
+        ``multi_precision``, the effective multipliers as ``lr_mult``/``wd_mult`` dicts
+        ``{structural name: value}`` (``None`` when all are 1), and ``begin_num_update`` set to
+        the pickled ``num_update``, so that the next update is MXNet's next ``num_update``.
+      * ``params``: ``{structural name: jax.Array}`` for the parameters that have a state; read
+        the others (BatchNorm running statistics) with :func:`load_params`.
+      * ``opt_state``: ``tx.init(params)`` with the saved histories (and, with
+        ``multi_precision``, the saved float32 master copies in ``MultiPrecisionState.master``).
+
+    Raises:
+      ValueError: everything :func:`restore` raises; with an ``lr_scheduler``, per-parameter
+        update counts that differ from ``num_update`` (one optax state counts the updates of
+        all parameters: use :func:`restore`, which keeps MXNet's per-parameter counts); states
+        whose master copies are not where ``mx_adagrad.multi_precision`` keeps them (it keeps
+        one for every float16 and bfloat16 parameter, MXNet 1.x for float16 only).
+      OSError: if a file cannot be read.
+    """
+    optimizer, weights, states, names = restore(
+        params_path, states_path, trainer_order=trainer_order
+    )
+    where = "restore_functional"
+    if optimizer.lr_scheduler is not None:
+        counts = {
+            name: optimizer._index_update_count.get(i, optimizer.begin_num_update)
+            for i, name in enumerate(names)
+        }
+        behind = {name: n for name, n in counts.items() if n != optimizer.num_update}
+        if behind:
+            fail(
+                where,
+                "the update count of every parameter",
+                f"the optimizer's num_update ({optimizer.num_update}) when there is an "
+                "lr_scheduler (use restore, which keeps per-parameter counts)",
+                shown(", ".join(f"{name!r}: {n}" for name, n in behind.items())),
+            )
+
+    def multipliers(table: dict[Any, float], attribute: str) -> dict[str, float] | None:
+        values = {name: optimizer._multiplier(i, table, attribute) for i, name in enumerate(names)}
+        return {name: value for name, value in values.items() if value != 1.0} or None
+
+    hyperparameters = dict(
+        rescale_grad=optimizer.rescale_grad,
+        clip_gradient=optimizer.clip_gradient,
+        wd=optimizer.wd,
+        lr_mult=multipliers(optimizer.lr_mult, "lr_mult"),
+        wd_mult=multipliers(optimizer.wd_mult, "wd_mult"),
+        lr_scheduler=optimizer.lr_scheduler,
+        begin_num_update=optimizer.num_update,
+        multi_precision=optimizer.multi_precision,
+    )
+    learning_rate = None if optimizer.lr_scheduler is not None else optimizer.lr
+    if isinstance(optimizer, legacy.AdaGrad):
+        tx = legacy.adagrad(learning_rate, optimizer.float_stable_eps, **hyperparameters)
+    else:
+        tx = alias.adagrad(learning_rate, optimizer.epsilon, **hyperparameters)
+    params = dict(zip(names, weights))
+    masters = {name: s[0] if isinstance(s, tuple) else None for name, s in zip(names, states)}
+    kept = {
+        name: optimizer.multi_precision and weight.dtype in LOW_PRECISION_DTYPES
+        for name, weight in params.items()
+    }
+    different = [name for name in names if (masters[name] is not None) != kept[name]]
+    if different:
+        fail(
+            where,
+            "the states",
+            "a (float32 master, history) pair exactly for the float16/bfloat16 parameters of a "
+            "multi_precision optimizer, as mx_adagrad.multi_precision keeps them (use restore, "
+            "which takes the states as they are)",
+            shown(
+                ", ".join(
+                    f"{name!r} ({params[name].dtype}, "
+                    f"{'with' if masters[name] is not None else 'without'} a master copy)"
+                    for name in different
+                )
+            ),
+        )
+    opt_state = tx.init(params)
+    histories = {name: s[1] if isinstance(s, tuple) else s for name, s in zip(names, states)}
+    opt_state = optax.tree.set(opt_state, history=histories)
+    if optimizer.multi_precision:
+        opt_state = opt_state._replace(master=masters)
+    return tx, params, opt_state
