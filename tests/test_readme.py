@@ -8,7 +8,8 @@ from pathlib import Path
 README = Path(__file__).parent.parent / "README.md"
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(monkeypatch):
+    monkeypatch.chdir(README.parent)  # the blocks name files relative to the repository root
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 5
     namespace: dict = {}
