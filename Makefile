@@ -29,6 +29,7 @@ demo: $(VENV)/.installed-examples
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/dense_step.py
 	$(PY) benchmarks/sparse_step.py --json benchmarks/results/sparse_step.json
+	$(PY) benchmarks/scaling.py --json benchmarks/results/scaling.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
