@@ -27,8 +27,7 @@ demo: $(VENV)/.installed-examples
 	$(PY) examples/flax_digits.py
 
 bench: $(VENV)/.installed-test
-	$(PY) benchmarks/dense_step.py
-	$(PY) benchmarks/sparse_step.py --json benchmarks/results/sparse_step.json
+	$(PY) benchmarks/run.py --json benchmarks/results/bench.json --png benchmarks/results/bench.png
 	$(PY) benchmarks/scaling.py --json benchmarks/results/scaling.json
 
 lint: $(VENV)/.installed-test

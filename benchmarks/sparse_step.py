@@ -68,11 +68,9 @@ def torch_contender(rows: int):
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-
+def measure(steps: int = STEPS, pause: float = PAUSE) -> dict[str, list[float]]:
+    """Seconds per step of every contender, interleaved in this process (``benchmarks/run.py``
+    reuses this)."""
     contenders = {}
     for rows in (250_000, 2_000_000):
         contenders[f"mx_adagrad RowSparse, {rows:,} rows"] = (rows, jax_contender(rows, False))
@@ -88,15 +86,23 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     times = {name: [] for name in contenders}
-    for _ in range(STEPS):
+    for _ in range(steps):
         values = rng.normal(size=(LOOKUPS, DIM)).astype(np.float32)
         ids = {rows: zipf_ids(rng, rows) for rows in (250_000, 2_000_000)}
         for name, (rows, run) in contenders.items():
-            time.sleep(PAUSE)  # let the previous contender's worker threads go idle
+            time.sleep(pause)  # let the previous contender's worker threads go idle
             start = time.perf_counter()
             run(ids[rows], values)
             times[name].append(time.perf_counter() - start)
+    return times
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    times = measure()
     medians = {name: float(np.median(t[WARMUP:])) * 1e3 for name, t in times.items()}
     small = medians["mx_adagrad RowSparse, 250,000 rows"]
     print(f"| step ({LOOKUPS:,} Zipf lookups x {DIM}) | ms / step | vs RowSparse 250k |")

@@ -1,6 +1,6 @@
 """mx_adagrad: MXNet's AdaGrad as exact, composable, fused Optax gradient transformations."""
 
-from mx_adagrad import legacy, lr_scheduler, mxnet_io, sparse
+from mx_adagrad import flat, legacy, lr_scheduler, mxnet_io, sparse
 from mx_adagrad.alias import adagrad
 from mx_adagrad.compat import AdaGrad
 from mx_adagrad.precision import MultiPrecisionState, multi_precision
@@ -29,6 +29,7 @@ __all__ = [
     "apply_updates",
     "check_indices",
     "clip",
+    "flat",
     "legacy",
     "lr_scheduler",
     "multi_precision",

@@ -1,0 +1,222 @@
+"""The native CPU kernel of :mod:`mx_adagrad.flat`: built on first use, loaded, registered with XLA.
+
+``adagrad.cc`` (next to this file) is one XLA FFI handler per weight dtype that reads
+``weight, grad, [master,] history`` once and writes ``weight, [master,] history`` once, for any
+number of parameters in one call. XLA CPU compiles the same step to two loops over memory (it has
+no multi-output loop fusion by default); the kernel is one, and it is bitwise equal to the XLA
+program of ``mx_adagrad.adagrad`` + ``apply_updates``.
+
+Building: the first :func:`load` in a process compiles ``adagrad.cc`` with the C++ compiler
+``$CXX`` (else ``g++``, else ``c++``) against the FFI headers of the installed jaxlib
+(``jax.ffi.include_dir()``)::
+
+    $CXX -O3 -march=native -fno-math-errno -ffp-contract=off -std=c++17 -shared -fPIC ...
+
+into ``$MX_ADAGRAD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/mx_adagrad``, else
+``~/.cache/mx_adagrad``), under a name keyed by a hash of the source, jaxlib's FFI headers, the
+flags, the compiler's version and the CPU's feature flags, so a later process (or another process
+racing this one) loads the same file without compiling (about 5 s the first time). ``MX_ADAGRAD_NATIVE=0`` turns the kernel
+off. If it cannot be built or loaded, :func:`load` warns once and returns False, and
+:mod:`mx_adagrad.flat` uses its XLA path, which computes the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mx_adagrad import _checks
+
+SOURCE = Path(__file__).with_name("adagrad.cc")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+)
+# XLA's compile time grows with the square of a custom call's operand count (20 s for one call
+# of 1000 leaves, 1 s for 16 calls of 64): larger trees are split into several calls.
+MAX_LEAVES_PER_CALL = 64
+# FFI target name and exported handler symbol, per weight dtype.
+TARGETS = {
+    jnp.dtype(jnp.float32): ("mx_adagrad_step_f32", "MxAdagradStepF32"),
+    jnp.dtype(jnp.bfloat16): ("mx_adagrad_step_bf16", "MxAdagradStepBF16"),
+    jnp.dtype(jnp.float16): ("mx_adagrad_step_f16", "MxAdagradStepF16"),
+}
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$MX_ADAGRAD_CACHE_DIR``, else the user's cache dir."""
+    if "MX_ADAGRAD_CACHE_DIR" in os.environ:
+        return Path(os.environ["MX_ADAGRAD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mx_adagrad"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` depends on them), or its machine name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def library_path(compiler: str) -> Path:
+    """The cached library for this source, FFI headers, flags, compiler and CPU."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    headers = sorted(Path(jax.ffi.include_dir()).rglob("*.h"))
+    key = hashlib.sha256()
+    for part in (SOURCE, *headers, " ".join(FLAGS), version, _cpu_flags()):
+        key.update(part.read_bytes() if isinstance(part, Path) else part.encode())
+    return cache_dir() / f"mx_adagrad_native_{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, path: Path) -> None:
+    """Compiles ``adagrad.cc`` to ``path`` (atomically: a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@functools.cache
+def load() -> bool:
+    """Builds (if not cached), loads and registers the kernel once per process.
+
+    Returns:
+      True when the FFI targets are registered for the CPU platform; False (with one warning
+      saying why) when the kernel is turned off or cannot be built or loaded.
+    """
+    if os.environ.get("MX_ADAGRAD_NATIVE", "1") == "0":
+        return False
+    try:
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found ($CXX, g++ or c++)")
+        path = library_path(compiler)
+        if not path.exists():
+            build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+        for target, symbol in TARGETS.values():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+            )
+    except Exception as error:  # any failure means: use the XLA path, and say so once
+        warnings.warn(
+            f"mx_adagrad: the native CPU kernel is unavailable ({error}); using the XLA path, "
+            "which gives the same results more slowly",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def step(
+    hyper: jax.Array,
+    coef: jax.Array,
+    weights: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    masters: Sequence[jax.Array] | None,
+    histories: Sequence[jax.Array],
+) -> tuple[list[jax.Array], list[jax.Array] | None, list[jax.Array]]:
+    """One in-place AdaGrad step of same-dtype leaves (CPU only), in calls of at most
+    ``MAX_LEAVES_PER_CALL`` leaves.
+
+    Args:
+      hyper: the operand :func:`hyper_array` makes.
+      coef: float32 ``[n, 2]``: ``-learning_rate * lr_mult`` and ``wd * wd_mult`` per leaf.
+      weights: n weights of one dtype (float32; float16/bfloat16 with ``masters``).
+      grads: n gradients, each of its weight's shape and dtype.
+      masters: n float32 master copies (multi_precision), or None for float32 weights.
+      histories: n float32 histories.
+
+    Returns:
+      ``(weights, masters, histories)`` after the step; each output aliases its input, so with
+      donated buffers the step writes in place.
+    """
+    target = TARGETS[jnp.dtype(weights[0].dtype)][0]
+    columns = [weights, grads, *([masters] if masters is not None else []), histories]
+    width, outputs = len(columns), len(columns) - 1
+    results: list[jax.Array] = []
+    for start in range(0, len(weights), MAX_LEAVES_PER_CALL):
+        leaves = list(zip(*(c[start : start + MAX_LEAVES_PER_CALL] for c in columns)))
+        # Operands: hyper, coef, then per leaf (weight, grad, [master,] history); results per
+        # leaf (weight, [master,] history), each aliasing its operand.
+        aliases = {
+            2 + i * width + k: i * outputs + j
+            for i in range(len(leaves))
+            for j, k in enumerate([0, *range(2, width)])
+        }
+        shapes = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype) for leaf in leaves for x in (leaf[0], *leaf[2:])
+        ]
+        results += jax.ffi.ffi_call(target, shapes, input_output_aliases=aliases)(
+            hyper, coef[start : start + MAX_LEAVES_PER_CALL], *(x for leaf in leaves for x in leaf)
+        )
+    by_output = [results[j::outputs] for j in range(outputs)]
+    return by_output[0], by_output[1] if masters is not None else None, by_output[-1]
+
+
+def hyper_array(
+    dtype: Any,
+    rescale_grad: chex.Numeric,
+    clip_gradient: chex.Numeric | None,
+    epsilon: chex.Numeric,
+) -> jax.Array:
+    """The kernel's float32 ``hyper`` operand for weights of ``dtype``, rounded as XLA rounds them.
+
+    ``[rescale_grad, clip_gradient (inf: none), epsilon, rescale_fma]``. ``rescale_fma`` says
+    which multiply XLA CPU contracts with the add in ``g * rescale_grad + wd * w``: the rescale's,
+    when the gradient is not clipped, the rescale is not a constant 1 (XLA drops a multiplication
+    by a constant 1, leaving ``g + wd * w``) and the gradient is not a bfloat16 converted to
+    float32 (LLVM then contracts the decay's multiply instead). Measured with jaxlib 0.10.2 and
+    pinned by ``tests/test_native.py``, which compares the kernel with XLA bit for bit.
+    """
+    clip = np.inf if clip_gradient is None else clip_gradient
+    rescale = _checks.concrete_float(rescale_grad)
+    rescale_fma = (
+        clip_gradient is None
+        and (rescale is None or np.float32(rescale) != 1.0)
+        and jnp.dtype(dtype) != jnp.bfloat16
+    )
+    values = (rescale_grad, clip, epsilon, float(rescale_fma))
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])

@@ -1,0 +1,298 @@
+// MXNet 2.0's AdaGrad step for the XLA CPU backend: update and apply in one pass over memory.
+//
+// One FFI call updates any number of parameters ("leaves"). Per element, in float32:
+//
+//   g = clip(rescale_grad * grad, clip_gradient) + wd * weight
+//   history = history + g * g
+//   weight = weight + g / (sqrt(history) + epsilon) * neg_lr        (neg_lr = -lr * lr_mult)
+//
+// with the same operations, order and roundings as the XLA CPU program of mx_adagrad.adagrad
+// followed by apply_updates, so the results are bitwise equal (tests/test_native.py). That
+// includes XLA's fused multiply-adds: XLA CPU lets LLVM contract a multiply feeding an add into one
+// FMA (one rounding) where the CPU has FMA instructions, so the kernel calls Fma() at exactly
+// those places: the decay (`g + wd * w`), the history (`h + g * g`) and the weight
+// (`w + q * neg_lr`). When the gradient is rescaled and not clipped, LLVM contracts
+// `g * rescale + wd * w` on the rescale instead, except for a bfloat16 gradient converted to
+// float32: the kernel's kRescaleFma variant, chosen in Python (hyper_array in __init__.py). This
+// matches jaxlib 0.10.2's XLA CPU; if a later XLA contracts differently, tests/test_native.py
+// fails and says where. The float16 and bfloat16 variants are multi_precision: they step a float32
+// master copy and history, and write the weight as XLA does, weight + (low(master) - weight)
+// rounded to the weight's dtype.
+//
+// Build flags (mx_adagrad/_native/__init__.py): -O3 -march=native -fno-math-errno
+// -ffp-contract=off. Without -fno-math-errno the sqrt does not vectorize; -ffp-contract=off keeps
+// the compiler from contracting anything beyond the explicit Fma() calls. Neither flag changes an
+// IEEE result.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Elements per task: 64K float32 elements are 256 KiB per array, enough to amortize scheduling
+// and small enough to balance two to a few dozen threads.
+constexpr int64_t kChunk = int64_t{1} << 16;
+// Below this many elements in one call, one thread does everything (thread hand-off costs more).
+constexpr int64_t kMinParallel = int64_t{1} << 17;
+
+// jnp.clip(g, -c, c) = minimum(maximum(g, -c), c), with NaN propagating as in XLA.
+inline float Clip(float g, float c) {
+  g = g < -c ? -c : g;
+  return g > c ? c : g;
+}
+
+struct Hyper {
+  float rescale;
+  float clip;  // +inf when there is no clipping: clamping to +-inf is the identity, NaN included
+  float epsilon;
+};
+
+// a * b + c as XLA CPU computes a contracted multiply-add: one rounding where the CPU has FMA.
+inline float Fma(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The decayed, clipped, rescaled gradient, contracted as XLA contracts it (see the top).
+template <bool kRescaleFma>
+inline float Decayed(float grad, float weight, const Hyper& hp, float wd) {
+  if constexpr (kRescaleFma) {
+    return Fma(grad, hp.rescale, wd * weight);
+  } else {
+    return Fma(wd, weight, Clip(grad * hp.rescale, hp.clip));
+  }
+}
+
+struct Leaf {
+  void* weight;
+  const void* grad;
+  float* master;  // nullptr without multi_precision
+  float* history;
+  int64_t size;
+  float neg_lr;
+  float wd;
+};
+
+struct Float32 {
+  static constexpr ffi::DataType kType = ffi::DataType::F32;
+  static constexpr bool kMaster = false;
+  using Storage = float;
+};
+
+inline float Bf16ToF32(uint16_t x) {
+  uint32_t bits = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as XLA's convert; NaN stays a (quiet) NaN.
+inline uint16_t F32ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+struct BFloat16 {
+  static constexpr ffi::DataType kType = ffi::DataType::BF16;
+  static constexpr bool kMaster = true;
+  using Storage = uint16_t;
+  static float ToF32(uint16_t x) { return Bf16ToF32(x); }
+  static uint16_t FromF32(float f) { return F32ToBf16(f); }
+};
+
+struct Float16 {
+  static constexpr ffi::DataType kType = ffi::DataType::F16;
+  static constexpr bool kMaster = true;
+  using Storage = uint16_t;
+  static float ToF32(uint16_t x) {
+    _Float16 h;
+    std::memcpy(&h, &x, sizeof h);
+    return static_cast<float>(h);
+  }
+  static uint16_t FromF32(float f) {
+    _Float16 h = static_cast<_Float16>(f);
+    uint16_t x;
+    std::memcpy(&x, &h, sizeof x);
+    return x;
+  }
+};
+
+// Elements [begin, end) of one float32 leaf.
+template <bool kRescaleFma>
+void StepRange(Float32, const Leaf& leaf, const Hyper& hp, int64_t begin, int64_t end) {
+  float* __restrict w = static_cast<float*>(leaf.weight);
+  const float* __restrict g = static_cast<const float*>(leaf.grad);
+  float* __restrict h = leaf.history;
+  const float eps = hp.epsilon, neg_lr = leaf.neg_lr, wd = leaf.wd;
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = Decayed<kRescaleFma>(g[i], w[i], hp, wd);
+    const float hi = Fma(gi, gi, h[i]);
+    h[i] = hi;
+    w[i] = Fma(gi / (std::sqrt(hi) + eps), neg_lr, w[i]);
+  }
+}
+
+// Elements [begin, end) of one float16/bfloat16 leaf with its float32 master copy.
+template <bool kRescaleFma, typename Kind>
+void StepRange(Kind, const Leaf& leaf, const Hyper& hp, int64_t begin, int64_t end) {
+  uint16_t* __restrict w = static_cast<uint16_t*>(leaf.weight);
+  const uint16_t* __restrict g = static_cast<const uint16_t*>(leaf.grad);
+  float* __restrict m = leaf.master;
+  float* __restrict h = leaf.history;
+  const float eps = hp.epsilon, neg_lr = leaf.neg_lr, wd = leaf.wd;
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = Decayed<kRescaleFma>(Kind::ToF32(g[i]), m[i], hp, wd);
+    const float hi = Fma(gi, gi, h[i]);
+    const float mi = Fma(gi / (std::sqrt(hi) + eps), neg_lr, m[i]);
+    const float wi = Kind::ToF32(w[i]);
+    h[i] = hi;
+    m[i] = mi;
+    w[i] = Kind::FromF32(wi + (Kind::ToF32(Kind::FromF32(mi)) - wi));
+  }
+}
+
+// The leaves of one call, seen as one index space cut into chunks that threads claim in turn.
+template <typename Kind>
+struct Work {
+  std::vector<Leaf> leaves;
+  std::vector<int64_t> starts;  // starts[i]: the index of leaves[i]'s first element
+  int64_t total = 0;
+  int64_t chunks = 0;
+  Hyper hp{};
+  bool rescale_fma = false;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Run(int64_t begin, int64_t end) const {
+    auto it = std::upper_bound(starts.begin(), starts.end(), begin) - 1;
+    for (size_t i = it - starts.begin(); i < leaves.size() && starts[i] < end; ++i) {
+      const int64_t lo = std::max(begin, starts[i]) - starts[i];
+      const int64_t hi = std::min(end, starts[i] + leaves[i].size) - starts[i];
+      if (lo >= hi) continue;
+      if (rescale_fma) {
+        StepRange<true>(Kind{}, leaves[i], hp, lo, hi);
+      } else {
+        StepRange<false>(Kind{}, leaves[i], hp, lo, hi);
+      }
+    }
+  }
+
+  void RunChunks() {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      Run(c * kChunk, std::min(total, (c + 1) * kChunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Copies an input into its output buffer when XLA did not alias them (it always does when the
+// call declares input_output_aliases; this keeps the kernel correct regardless).
+void* InPlace(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out) {
+  if (out->untyped_data() != in.untyped_data()) {
+    std::memcpy(out->untyped_data(), in.untyped_data(), in.size_bytes());
+  }
+  return out->untyped_data();
+}
+
+// Arguments: hyper f32[4] (rescale, clip, epsilon, 1 for the kRescaleFma variant else 0), coef
+// f32[n, 2] (neg_lr, wd per leaf), then per leaf weight, grad, [master,] history. Results: per
+// leaf weight, [master,] history, each aliased to its input.
+template <typename Kind>
+ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> coef,
+                ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  constexpr size_t kIn = Kind::kMaster ? 4 : 3;
+  constexpr size_t kOut = kIn - 1;
+  const auto dims = coef.dimensions();
+  if (dims.size() != 2 || dims[1] != 2 || hyper.element_count() != 4) {
+    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[4], coef f32[n, 2]");
+  }
+  const size_t n = static_cast<size_t>(dims[0]);
+  if (args.size() != n * kIn || rets.size() != n * kOut) {
+    return ffi::Error::InvalidArgument("mx_adagrad: wrong number of leaf buffers");
+  }
+  auto work = std::make_shared<Work<Kind>>();
+  const float* h = hyper.typed_data();
+  work->hp = Hyper{h[0], h[1], h[2]};
+  work->rescale_fma = h[3] != 0.0f;
+  work->leaves.reserve(n);
+  work->starts.reserve(n);
+  const float* c = coef.typed_data();
+  for (size_t i = 0; i < n; ++i) {
+    auto w = args.get<ffi::AnyBuffer>(i * kIn);
+    auto g = args.get<ffi::AnyBuffer>(i * kIn + 1);
+    auto hist = args.get<ffi::AnyBuffer>(i * kIn + kIn - 1);
+    auto w_out = rets.get<ffi::AnyBuffer>(i * kOut);
+    auto h_out = rets.get<ffi::AnyBuffer>(i * kOut + kOut - 1);
+    if (!w || !g || !hist || !w_out || !h_out) {
+      return ffi::Error::InvalidArgument("mx_adagrad: leaf buffers must be arrays");
+    }
+    const int64_t size = static_cast<int64_t>(w->element_count());
+    if (w->element_type() != Kind::kType || g->element_type() != Kind::kType ||
+        hist->element_type() != ffi::DataType::F32 || g->element_count() != size ||
+        hist->element_count() != size) {
+      return ffi::Error::InvalidArgument("mx_adagrad: leaf dtype or size mismatch");
+    }
+    Leaf leaf{InPlace(*w, *w_out), g->untyped_data(), nullptr,
+              static_cast<float*>(InPlace(*hist, *h_out)), size, c[2 * i], c[2 * i + 1]};
+    if constexpr (Kind::kMaster) {
+      auto m = args.get<ffi::AnyBuffer>(i * kIn + 2);
+      auto m_out = rets.get<ffi::AnyBuffer>(i * kOut + 1);
+      if (!m || !m_out || m->element_type() != ffi::DataType::F32 || m->element_count() != size) {
+        return ffi::Error::InvalidArgument("mx_adagrad: master must be float32 like the weight");
+      }
+      leaf.master = static_cast<float*>(InPlace(*m, *m_out));
+    }
+    work->starts.push_back(work->total);
+    work->leaves.push_back(leaf);
+    work->total += size;
+  }
+  if (work->total == 0) return ffi::Error::Success();
+  if (work->total < kMinParallel) {
+    work->Run(0, work->total);
+    return ffi::Error::Success();
+  }
+  // The caller claims chunks too, and waits only for chunks another thread has claimed (and so
+  // is running): a task the pool starts late finds nothing left and returns, so this cannot
+  // deadlock even when the caller is itself a pool thread.
+  work->chunks = (work->total + kChunk - 1) / kChunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([work] { work->RunChunks(); });
+  }
+  work->RunChunks();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) {
+    std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define MX_ADAGRAD_HANDLER(NAME, KIND)                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, Step<KIND>,               \
+                                ffi::Ffi::Bind()                \
+                                    .Ctx<ffi::ThreadPool>()     \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .RemainingArgs()            \
+                                    .RemainingRets());
+
+MX_ADAGRAD_HANDLER(MxAdagradStepF32, Float32)
+MX_ADAGRAD_HANDLER(MxAdagradStepBF16, BFloat16)
+MX_ADAGRAD_HANDLER(MxAdagradStepF16, Float16)

@@ -1,0 +1,221 @@
+"""mx_adagrad.flat: the fused step and flat parameters, checked bit for bit against the reference
+path (``mx_adagrad.adagrad`` + ``apply_updates``). Speed is never asserted."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mx_adagrad
+from mx_adagrad import flat, lr_scheduler
+
+
+def bits(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+
+def assert_bitwise(actual, expected) -> None:
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(bits(x), bits(y))
+
+
+def model(dtype=jnp.float32) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "encoder": {
+            "kernel": jnp.asarray(rng.normal(size=(30, 20)), dtype),
+            "bias": jnp.asarray(rng.normal(size=(20,)), dtype),
+        },
+        "head": jnp.asarray(rng.normal(size=(20, 3)), jnp.float32),
+        "scale": jnp.asarray(rng.normal(size=()), dtype),
+    }
+
+
+def grads_like(params, seed: int):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+
+def reference_step(tx):
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return mx_adagrad.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+CONFIGS = {
+    "defaults": dict(),
+    "all_options": dict(rescale_grad=0.8, clip_gradient=0.5, wd=0.1, epsilon=1e-3),
+    "rescale_no_clip": dict(rescale_grad=0.25, wd=0.01),
+    "multipliers": dict(wd=0.1, lr_mult={"encoder/bias": 2.0}, wd_mult={"head": 0.0}),
+    "callable_multiplier": dict(wd=0.1, wd_mult=lambda p: jax.tree.map(lambda x: x.ndim / 2, p)),
+    "optax_schedule": dict(learning_rate=optax.cosine_decay_schedule(0.1, 10), wd=0.01),
+    "mxnet_scheduler": dict(
+        learning_rate=None,
+        lr_scheduler=lr_scheduler.FactorScheduler(step=2, factor=0.5, base_lr=0.1),
+        begin_num_update=3,
+        wd=0.01,
+    ),
+    "initial_accumulator": dict(initial_accumulator_value=0.1, wd=0.01),
+}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
+@pytest.mark.parametrize("multi_precision", [False, True], ids=["float32", "bf16_multi_precision"])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fused_step_is_bitwise_the_reference(config, multi_precision, native):
+    dtype = jnp.bfloat16 if multi_precision else jnp.float32
+    opt = flat.fused_adagrad(**config, multi_precision=multi_precision, native=native)
+    params = model(dtype)
+    state = opt.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(opt.tx.init(params))
+    fused, reference = jax.jit(opt.step), reference_step(opt.tx)
+    for seed in range(4):
+        grads = grads_like(params, seed)
+        expected = reference(params, grads, state)
+        assert_bitwise(fused(params, grads, state), expected)
+        params, state = expected
+
+
+def test_leaves_the_kernel_does_not_take_use_the_xla_path():
+    """RowSparse gradients and float16 without multi_precision, next to kernel leaves."""
+    rng = np.random.default_rng(0)
+    params = {
+        "embed": jnp.asarray(rng.normal(size=(50, 4)), jnp.float32),
+        "half": jnp.asarray(rng.normal(size=(6,)), jnp.float16),
+        "dense": jnp.asarray(rng.normal(size=(9,)), jnp.float32),
+    }
+    opt = flat.fused_adagrad(0.1, wd=0.01)
+    state = opt.init(params)
+    for seed in range(3):
+        grads = grads_like(params, seed)
+        grads["embed"] = mx_adagrad.RowSparse(
+            jnp.array([3, 7, 3]), jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), (50, 4)
+        )
+        expected = reference_step(opt.tx)(params, grads, state)
+        assert_bitwise(jax.jit(opt.step)(params, grads, state), expected)
+        params, state = expected
+
+
+def test_state_is_interchangeable_with_the_transformation():
+    """Steps may alternate between opt.step and opt.tx.update + apply_updates."""
+    opt = flat.fused_adagrad(0.1, wd=0.01, multi_precision=True)
+    params = model(jnp.bfloat16)
+    state = opt.init(params)
+    reference_params, reference_state = params, state
+    for seed in range(4):
+        grads = grads_like(params, seed)
+        step = jax.jit(opt.step) if seed % 2 else reference_step(opt.tx)
+        params, state = step(params, grads, state)
+        reference_params, reference_state = reference_step(opt.tx)(
+            reference_params, grads, reference_state
+        )
+    assert_bitwise((params, state), (reference_params, reference_state))
+
+
+def test_fused_adagrad_checks_its_arguments():
+    with pytest.raises(ValueError, match="native must be a bool"):
+        flat.fused_adagrad(native="yes")
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        flat.fused_adagrad(epsilon=-1.0)
+
+
+def test_ravel_round_trip_and_groups():
+    params = model(jnp.bfloat16)
+    fp = flat.ravel(params, lr_mult={"encoder/bias": 2.0}, wd_mult={"head": 0.0})
+    assert_bitwise(fp.unravel(), params)
+    assert fp.layout.groups == (
+        ("bfloat16", 2.0, 1.0),
+        ("bfloat16", 1.0, 1.0),
+        ("float32", 1.0, 0.0),
+    )
+    assert [b.shape for b in fp.buffers] == [(20,), (601,), (60,)]
+    assert mx_adagrad._checks.leaf_paths(fp) == [
+        "bfloat16/lr_mult=2",
+        "bfloat16",
+        "float32/wd_mult=0",
+    ]
+    assert_bitwise(fp.ravel_like(params), fp)
+    assert_bitwise(jax.jit(lambda fp: fp.unravel())(fp), params)
+
+
+def test_ravel_checks_its_arguments():
+    with pytest.raises(ValueError, match="concrete numbers"):
+        jax.jit(lambda p: flat.ravel(p, lr_mult=jax.tree.map(jnp.sum, p)).buffers)(model())
+    with pytest.raises(ValueError, match="must be a floating-point array"):
+        flat.ravel({"i": jnp.arange(3)})
+    with pytest.raises(ValueError, match="a pytree with the structure"):
+        flat.ravel(model()).ravel_like({"head": jnp.zeros((20, 3))})
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
+def test_flat_step_is_bitwise_the_per_leaf_step(native):
+    """The flat buffers step exactly as the leaves would, multipliers included."""
+    params = model()
+    specs = dict(lr_mult={"encoder/bias": 2.0}, wd_mult={"head": 0.0})
+    fp = flat.ravel(params, **specs)
+    per_leaf = flat.fused_adagrad(0.1, wd=0.1, clip_gradient=1.0, native=native, **specs)
+    flat_opt = flat.fused_adagrad(
+        0.1, wd=0.1, clip_gradient=1.0, native=native, lr_mult=fp.lr_mult, wd_mult=fp.wd_mult
+    )
+    state, flat_state = per_leaf.init(params), flat_opt.init(fp)
+    for seed in range(3):
+        grads = grads_like(params, seed)
+        params, state = jax.jit(per_leaf.step)(params, grads, state)
+        fp, flat_state = jax.jit(flat_opt.step)(fp, fp.ravel_like(grads), flat_state)
+    assert_bitwise(fp.unravel(), params)
+    history = flat_state[3].history
+    assert isinstance(history, flat.FlatParams)
+    assert_bitwise(history.unravel(), state[3].history)
+
+
+def test_train_step_on_flat_params():
+    """Gradients taken with respect to FlatParams come flat, equal to the raveled tree gradients."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 30)), jnp.float32)
+
+    def loss_fn(params):
+        hidden = jnp.tanh(x @ params["encoder"]["kernel"] + params["encoder"]["bias"])
+        return jnp.mean((hidden @ params["head"]) ** 2) * params["scale"]
+
+    params = model()
+    fp = flat.ravel(params)
+    opt = flat.fused_adagrad(0.1, wd=1e-4)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(fp, state):
+        loss, grads = jax.value_and_grad(lambda fp: loss_fn(fp.unravel()))(fp)
+        fp, state = opt.step(fp, grads, state)
+        return fp, state, loss
+
+    flat_grads = jax.grad(lambda fp: loss_fn(fp.unravel()))(fp)
+    np.testing.assert_allclose(
+        flat_grads.buffers[0], fp.ravel_like(jax.grad(loss_fn)(params)).buffers[0], rtol=1e-6
+    )
+    state, losses = opt.init(fp), []
+    for _ in range(5):
+        fp, state, loss = train_step(fp, state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_flat_step_has_no_temporaries_and_one_loop_pass():
+    """A thousand leaves flattened: two buffers cross the jit boundary, nothing else is made."""
+    params = {f"p{i}": jnp.ones((64,)) for i in range(1000)}
+    fp = flat.ravel(params)
+    opt = flat.fused_adagrad(0.1, wd=0.1)
+    compiled = jax.jit(opt.step, donate_argnums=(0, 2)).lower(fp, fp, opt.init(fp)).compile()
+    assert re.findall(r'custom_call_target="(mx_adagrad_\w+)"', compiled.as_text()) in (
+        ["mx_adagrad_step_f32"],
+        [],  # the native kernel is unavailable: the XLA path
+    )
+    assert compiled.memory_analysis().temp_size_in_bytes <= 256
