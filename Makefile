@@ -28,6 +28,7 @@ demo: $(VENV)/.installed-examples
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/run.py --json benchmarks/results/bench.json --png benchmarks/results/bench.png
+	$(PY) benchmarks/fused_vs_torch.py --json benchmarks/results/fused_vs_torch.json
 	$(PY) benchmarks/scaling.py --json benchmarks/results/scaling.json
 
 lint: $(VENV)/.installed-test

@@ -18,10 +18,11 @@ Contenders: ``mx_adagrad.adagrad(wd=1e-4)`` (``update`` + ``apply_updates``), th
 memory-bandwidth reference: a copy moving the same bytes as one ideal step (read weight, gradient
 and state once, write weight and state once).
 
-Within a case every contender runs once per round, rounds repeated, with a pause between
-contenders so the previous one's worker threads go idle: machine drift hits all alike, so compare
-ratios. Prints Markdown tables (median ms/step), writes JSON and a PNG chart (matplotlib, Agg).
-A full run takes about 3 minutes on a 2-core machine, ``--quick`` under 2.
+Timing (``benchmarks/timing.py``): rounds of every contender in a fresh random order, each a pause,
+one untimed call, then a block of timed steps back to back (a training loop's steady state); the
+ratio to torch's fused step is taken within each round, then its median over rounds. Prints
+Markdown tables (median ms/step, the ratio's median and p10-p90 range), writes JSON and a PNG
+chart (matplotlib, Agg). A full run takes about 4 minutes on a 2-core machine, ``--quick`` 1.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ except ImportError:
     torch = None
 
 import sparse_step  # benchmarks/ is the script's directory, so it is on sys.path
+import timing
 
 LR, WD, EPS = 0.01, 1e-4, 1e-6
-PAUSE = 0.05  # seconds between contenders: XLA and OpenMP worker threads spin after work
 RESULTS = Path(__file__).with_name("results")
 TORCH_FUSED = "torch.optim.Adagrad(fused=True)"
 OPTAX = "optax.chain(add_decayed_weights, adagrad)"
@@ -159,18 +160,6 @@ def copy_contender(nbytes: int) -> tuple[str, Callable[[], None]]:
     return "memory copy, same bytes (numpy, 1 thread)", lambda: np.copyto(dst, src)
 
 
-def interleaved(contenders: dict[str, Callable[[], None]], steps: int) -> dict[str, list[float]]:
-    """Seconds per call of each contender, one call each per round."""
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(steps):
-        for name, run in contenders.items():
-            time.sleep(PAUSE)
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def dense_case(shapes, dtype, *, tiny: bool) -> dict[str, Callable[[], None]]:
     """The contenders of one dense case: ``shapes`` of ``dtype`` (bfloat16: multi_precision)."""
     multi_precision = jnp.dtype(dtype) != jnp.float32
@@ -269,27 +258,23 @@ def compile_seconds(shapes, repeats: int) -> dict[str, float]:
     return seconds
 
 
-def summarize(times: dict[str, list[float]], warmup: int) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, samples in times.items():
-        ms = np.array(samples[warmup:]) * 1e3
-        out[name] = {
-            "median_ms": float(np.median(ms)),
-            "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)),
-        }
-    return out
+def torch_base(names) -> str | None:
+    """The contender every ratio is taken against: torch's fused step, when it ran."""
+    return next((n for n in names if n.startswith(TORCH_FUSED)), None)
 
 
 def print_case(title: str, stats: dict[str, dict[str, float]]) -> None:
-    base = stats.get(TORCH_FUSED, stats.get(TORCH_FUSED + " (no master copy)"))
     optax_ms = next((s["median_ms"] for n, s in stats.items() if n.startswith(OPTAX)), None)
     print(f"\n### {title}\n")
-    print("| contender | ms / step | p10 ms | ÷ torch fused | optax ÷ this |")
+    print("| contender | ms / step | p10 ms | ÷ torch fused (p10-p90) | optax ÷ this |")
     print("|---|---|---|---|---|")
     for name, s in stats.items():
         ms = s["median_ms"]
-        vs_torch = f"{ms / base['median_ms']:.2f}" if base else "n/a"
+        vs_torch = (
+            f"{s['ratio_median']:.2f} ({s['ratio_p10']:.2f}-{s['ratio_p90']:.2f})"
+            if "ratio_median" in s
+            else "n/a"
+        )
         vs_optax = f"{optax_ms / ms:.2f}" if optax_ms else "n/a"
         print(f"| {name} | {ms:.3f} | {s['p10_ms']:.3f} | {vs_torch} | {vs_optax} |")
 
@@ -329,12 +314,13 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="fewer steps and one compile per contender (under 2 minutes)",
+        help="fewer rounds and one compile per contender (about a minute)",
     )
     parser.add_argument("--json", type=Path, default=RESULTS / "bench.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "bench.png")
     args = parser.parse_args()
-    steps, warmup, repeats = (8, 2, 1) if args.quick else (20, 4, 3)
+    count, block, repeats = (6, 3, 1) if args.quick else (20, 5, 3)
+    sparse_steps, sparse_warmup = (8, 2) if args.quick else (20, 4)
     if torch is None:
         print("torch is not installed: torch.optim.Adagrad and torch copy_ are left out")
     else:
@@ -360,23 +346,28 @@ def main() -> None:
     }
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), no GPU timings",
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
         "jax": jax.__version__,
         "torch": torch.__version__ if torch is not None else None,
         "quick": args.quick,
-        "steps": steps,
-        "warmup": warmup,
+        "rounds": count,
+        "block": block,
         "cases": {},
         "compile_s": {},
     }
     for title, (shapes, dtype, is_tiny) in dense.items():
-        stats = summarize(interleaved(dense_case(shapes, dtype, tiny=is_tiny), steps), warmup)
+        contenders = dense_case(shapes, dtype, tiny=is_tiny)
+        stats = timing.summarize(timing.rounds(contenders, count, block), torch_base(contenders))
         results["cases"][title] = stats
         print_case(title, stats)
         gc.collect()
 
     title = "sparse embedding, 8,192 Zipf lookups x 64"
-    stats = summarize(sparse_step.measure(steps, PAUSE), warmup)
+    times = sparse_step.measure(sparse_steps)  # fresh lookups every step: one step per round
+    per_step = [
+        {name: t[i] for name, t in times.items()} for i in range(sparse_warmup, sparse_steps)
+    ]
+    stats = timing.summarize(per_step, None)
     results["cases"][title] = stats
     print_case(title, stats)
 
