@@ -121,10 +121,11 @@ def main() -> None:
             mults = dict(lr_mult=params.lr_mult, wd_mult=params.wd_mult)
             opt = flat.fused_adagrad(run.LR, wd=run.WD, **mults)
         shared = SharedBuffers(opt, params, grads, shapes)
+        own = run.torch_contenders(shapes, "float32", ["fused"])[run.TORCH_FUSED]
         contenders = {
             "flat.fused_adagrad (native)": shared.ours,
             SAME: shared.theirs,
-            "torch fused, own buffers": run.torch_contenders(shapes, "float32")[run.TORCH_FUSED],
+            "torch fused, own buffers": own,
         }
         rounds = timing.rounds(contenders, args.rounds)
         stats = timing.summarize(rounds, SAME)

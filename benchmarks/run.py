@@ -129,18 +129,18 @@ def unravel_contender(fp: flat.FlatParams) -> Callable[[], None]:
     return lambda: block(unravel(fp))
 
 
-def torch_contenders(shapes, dtype: str, **kwargs) -> dict[str, Callable[[], None]]:
-    """``torch.optim.Adagrad`` (foreach, fused) on the same shapes; empty without torch."""
+def torch_contenders(
+    shapes, dtype: str, modes=("foreach", "fused")
+) -> dict[str, Callable[[], None]]:
+    """``torch.optim.Adagrad`` in each of ``modes`` on the same shapes; empty without torch."""
     if torch is None:
         return {}
     contenders = {}
-    for mode in ("foreach", "fused"):
+    for mode in modes:
         params = [torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes]
         for p in params:
             p.grad = torch.full_like(p, 0.5)
-        optimizer = torch.optim.Adagrad(
-            params, lr=LR, weight_decay=WD, eps=EPS, **{mode: True}, **kwargs
-        )
+        optimizer = torch.optim.Adagrad(params, lr=LR, weight_decay=WD, eps=EPS, **{mode: True})
         contenders[f"torch.optim.Adagrad({mode}=True)"] = optimizer.step
     return contenders
 

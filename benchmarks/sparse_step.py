@@ -21,12 +21,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import PAUSE  # benchmarks/ is the script's directory, so it is on sys.path
 
 import mx_adagrad
 
 DIM, LOOKUPS = 64, 8192
 STEPS, WARMUP = 30, 5
-PAUSE = 0.05  # seconds between contenders: XLA and OpenMP worker threads spin after work
 
 
 def zipf_ids(rng: np.random.Generator, rows: int) -> np.ndarray:
