@@ -9,6 +9,7 @@ were checked when they were concrete, or they are the user's own traced arithmet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -115,8 +116,17 @@ def leaves(tree: Any) -> list[Any]:
     return jax.tree.leaves(tree, is_leaf=is_row_sparse)
 
 
-def same_structure(where: str, name: str, tree: Any, reference_name: str, reference: Any) -> None:
-    """Checks that ``tree`` has ``reference``'s structure and leaf shapes; names the first bad path."""
+def same_structure(
+    where: str,
+    name: str,
+    tree: Any,
+    reference_name: str,
+    reference: Any,
+    shape_of: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda shape: shape,
+) -> None:
+    """Checks that ``tree`` has ``reference``'s structure and that ``shape_of`` of each leaf's
+    shape is the reference leaf's shape (``shape_of``: identity; a row-wise history's is the
+    number of rows); names the first bad path."""
     if structure(tree) != structure(reference):
         paths, reference_paths = leaf_paths(tree), leaf_paths(reference)
         missing = [p for p in reference_paths if p not in paths]
@@ -136,13 +146,13 @@ def same_structure(where: str, name: str, tree: Any, reference_name: str, refere
             shown(detail) if detail else structure(tree),
         )
     for path, leaf, reference_leaf in zip(leaf_paths(reference), leaves(tree), leaves(reference)):
-        if np.shape(leaf) != np.shape(reference_leaf):
-            fail(
-                where,
-                f"{name}[{path!r}]",
-                f"of shape {np.shape(reference_leaf)} like {reference_name}",
-                shown(f"shape {np.shape(leaf)}"),
+        if shape_of(np.shape(leaf)) != np.shape(reference_leaf):
+            expected = (
+                f"of shape {np.shape(reference_leaf)} like {reference_name}"
+                if shape_of(np.shape(leaf)) == np.shape(leaf)
+                else f"an array of {np.shape(reference_leaf)[0]} rows like {reference_name}"
             )
+            fail(where, f"{name}[{path!r}]", expected, shown(f"shape {np.shape(leaf)}"))
 
 
 def floating(where: str, name: str, tree: Any) -> None:

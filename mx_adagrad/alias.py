@@ -1,4 +1,5 @@
-"""``adagrad(...)``: MXNet 2.0's AdaGrad optimizer as one chain of the five transforms."""
+"""``adagrad(...)``: MXNet 2.0's AdaGrad optimizer as one chain of the five transforms, and
+``rowwise_adagrad(...)``, the same chain with one accumulator per row."""
 
 from __future__ import annotations
 
@@ -111,14 +112,120 @@ def adagrad(
       >>> mx_adagrad.apply_updates(params, updates)["w"]
       Array([ 0.9000001, -1.9000001], dtype=float32)
     """
-    learning_rate = resolve_learning_rate("adagrad", learning_rate, lr_scheduler)
+    return _mxnet2_chain(
+        "adagrad",
+        transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
+        learning_rate,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        wd=wd,
+        lr_mult=lr_mult,
+        wd_mult=wd_mult,
+        lr_scheduler=lr_scheduler,
+        begin_num_update=begin_num_update,
+        multi_precision=multi_precision,
+        sparse_wd=sparse_wd,
+    )
+
+
+def rowwise_adagrad(
+    learning_rate: transforms.LearningRate | None = 0.01,
+    epsilon: chex.Numeric = 1e-6,
+    *,
+    rescale_grad: chex.Numeric = 1.0,
+    clip_gradient: chex.Numeric | None = None,
+    wd: chex.Numeric = 0.0,
+    lr_mult: multipliers.MultiplierSpec = None,
+    wd_mult: multipliers.MultiplierSpec = None,
+    lr_scheduler: LRScheduler | None = None,
+    begin_num_update: int = 0,
+    initial_accumulator_value: chex.Numeric = 0.0,
+    multi_precision: bool = False,
+    sparse_wd: str = "lazy",
+) -> optax.GradientTransformation:
+    """Row-wise AdaGrad for embedding tables: :func:`adagrad` with one accumulator per row.
+
+    ::
+
+        g = clip(rescale_grad * grad, clip_gradient) + wd * wd_mult * weight
+        history[r] = history[r] + mean(g[r]**2)        # one number per row r (first axis)
+        weight[r] = weight[r] - learning_rate * lr_mult * g[r] / (sqrt(history[r]) + epsilon)
+
+    It is :func:`adagrad` with :func:`~mx_adagrad.scale_by_rowwise_adagrad` in place of
+    :func:`~mx_adagrad.scale_by_adagrad`: the same arguments, defaults and checks; rescale, clip
+    and weight decay come first exactly as there. Parameters with fewer than two axes (biases)
+    keep one accumulator per element. The optimizer memory of a ``(rows, dim)`` table is ``rows``
+    numbers instead of ``rows * dim`` (``multi_precision`` adds the float32 master copy). This is
+    TorchRec's ``RowWiseAdagrad`` / FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` update
+    (``state_sum += grad.pow(2).mean(1)``; ``param -= lr * grad / (sqrt(state_sum) + eps)``);
+    MXNet has no row-wise AdaGrad.
+
+    Args:
+      learning_rate: as in :func:`adagrad`.
+      epsilon: added to ``sqrt(history)``, >= 0.
+      rescale_grad: as in :func:`adagrad`.
+      clip_gradient: as in :func:`adagrad`.
+      wd: as in :func:`adagrad`.
+      lr_mult: as in :func:`adagrad`.
+      wd_mult: as in :func:`adagrad`.
+      lr_scheduler: as in :func:`adagrad`.
+      begin_num_update: as in :func:`adagrad`.
+      initial_accumulator_value: the history's first value, >= 0.
+      multi_precision: as in :func:`adagrad` (the row-wise history is float32 too).
+      sparse_wd: as in :func:`adagrad`.
+
+    Returns:
+      An ``optax.GradientTransformation``. Its ``update`` needs ``params``; apply its updates with
+      :func:`mx_adagrad.apply_updates`.
+
+    Example:
+      >>> import jax.numpy as jnp, mx_adagrad
+      >>> table = jnp.ones((3, 4))
+      >>> tx = mx_adagrad.rowwise_adagrad(learning_rate=0.1)
+      >>> state = tx.init(table)
+      >>> state[3].history.shape                      # one accumulator per row
+      (3,)
+    """
+    return _mxnet2_chain(
+        "rowwise_adagrad",
+        transforms.scale_by_rowwise_adagrad(epsilon, initial_accumulator_value),
+        learning_rate,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        wd=wd,
+        lr_mult=lr_mult,
+        wd_mult=wd_mult,
+        lr_scheduler=lr_scheduler,
+        begin_num_update=begin_num_update,
+        multi_precision=multi_precision,
+        sparse_wd=sparse_wd,
+    )
+
+
+def _mxnet2_chain(
+    where: str,
+    accumulator: optax.GradientTransformation,
+    learning_rate: transforms.LearningRate | None,
+    *,
+    rescale_grad: chex.Numeric,
+    clip_gradient: chex.Numeric | None,
+    wd: chex.Numeric,
+    lr_mult: multipliers.MultiplierSpec,
+    wd_mult: multipliers.MultiplierSpec,
+    lr_scheduler: LRScheduler | None,
+    begin_num_update: int,
+    multi_precision: bool,
+    sparse_wd: str,
+) -> optax.GradientTransformation:
+    """MXNet 2.0's chain around ``accumulator``: rescale, clip, decay first, the schedule last."""
+    learning_rate = resolve_learning_rate(where, learning_rate, lr_scheduler)
     if not isinstance(multi_precision, bool):
-        _checks.fail("adagrad", "multi_precision", "a bool", multi_precision)
+        _checks.fail(where, "multi_precision", "a bool", multi_precision)
     chain = optax.chain(
         transforms.rescale(rescale_grad),
         transforms.clip(clip_gradient),
         transforms.add_decayed_weights(wd, wd_mult, sparse_wd),
-        transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
+        accumulator,
         transforms.scale_by_schedule(learning_rate, lr_mult, begin_num_update),
     )
     return precision.multi_precision(chain) if multi_precision else chain

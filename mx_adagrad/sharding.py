@@ -73,6 +73,11 @@ def _replicated(x: chex.Array, mesh: Mesh) -> chex.Array:
     return x
 
 
+def _per_row(leaf: Any, table: chex.Array) -> bool:
+    """Whether a state leaf holds one entry (or row) per row of ``table``, so it is split with it."""
+    return jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == table.shape[0]
+
+
 def _check_table(where: str, table: Any, mesh: Mesh, axis: str) -> None:
     if axis not in mesh.shape:
         _checks.fail(where, "axis", f"an axis of the mesh {dict(mesh.shape)}", axis)
@@ -146,9 +151,9 @@ def sharded_row_update(
     Returns:
       ``update(table, state, ids, values) -> (table, state)``: ``ids`` is a 1-D integer array of
       global row ids (duplicates summed, any order; ids outside ``[0, num_rows)`` update nothing)
-      and ``values`` has shape ``(len(ids), *table.shape[1:])``. The table and every state leaf of
-      the table's shape (history, float32 master copy) are split by rows; the other state leaves
-      (the step count) are replicated. Call it inside ``jax.jit``, with the table and state
+      and ``values`` has shape ``(len(ids), *table.shape[1:])``. The table and every state leaf
+      with one entry per row of the table (history, row-wise history, float32 master copy) are
+      split by rows; the other state leaves (the step count) are replicated. Call it inside ``jax.jit``, with the table and state
       donated to update them in place.
     """
 
@@ -156,9 +161,7 @@ def sharded_row_update(
         table: chex.Array, state: optax.OptState, ids: chex.Array, values: chex.Array
     ) -> tuple[jax.Array, optax.OptState]:
         _check_table("sharded_row_update", table, mesh, axis)
-        state_specs = jax.tree.map(
-            lambda leaf: P(axis) if jnp.shape(leaf) == table.shape else P(), state
-        )
+        state_specs = jax.tree.map(lambda leaf: P(axis) if _per_row(leaf, table) else P(), state)
 
         def local_update(table, state, ids, values):
             grad = RowSparse(_local_ids(ids, table.shape[0], axis), values, table.shape)

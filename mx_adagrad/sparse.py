@@ -25,6 +25,7 @@ kernel (``_sparse_adagrad_update``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from mx_adagrad import _checks
+from mx_adagrad import _checks, _native
 
 
 @jax.tree_util.register_pytree_node_class
@@ -142,26 +143,53 @@ def coalesce(grad: RowSparse) -> RowSparse:
     ::
 
         ids = unique(indices)                         # sorted, padded to n slots with num_rows
-        values[k] = sum(values[i] for i where indices[i] == ids[k])
+        values[k] = sum(values[i] for i where indices[i] == ids[k])   # in order of i, from +0.0
 
-    Out-of-range ids (negative or ``>= num_rows``) become padding. The sum is a sorted,
-    sequential reduction, so the same input gives bitwise the same output. A RowSparse that is
-    already coalesced is returned as is.
+    Out-of-range ids (negative or ``>= num_rows``) become padding. The sum is a sequential
+    reduction in the order of the positions, so the same input gives bitwise the same output. On
+    the CPU backend, float32 rows are summed by a native kernel (:mod:`mx_adagrad._native`) that
+    computes the same bits as the XLA program below, without its sort. A RowSparse that is already
+    coalesced is returned as is.
     """
     if grad.unique:
         return grad
-    num_rows, n = grad.dense_shape[0], grad.indices.shape[0]
-    valid = (grad.indices >= 0) & (grad.indices < num_rows)
-    indices = jnp.where(valid, grad.indices, num_rows)
-    ids, slot = jnp.unique(indices, size=n, fill_value=num_rows, return_inverse=True)
-    slot = slot.reshape(n)
-    values = jnp.where(valid.reshape((n,) + (1,) * (grad.values.ndim - 1)), grad.values, 0)
+    num_rows = grad.dense_shape[0]
+    args = (grad.indices, grad.values)
+    xla = functools.partial(_coalesce_xla, num_rows=num_rows)
+    # One slot is left to XLA, which turns that scatter-add into a copy (keeping a -0.0).
+    if grad.values.dtype == jnp.float32 and grad.indices.shape[0] > 1 and _native.load():
+        cpu = functools.partial(_native.coalesce, num_rows=num_rows)
+        ids, summed = jax.lax.platform_dependent(*args, cpu=cpu, default=xla)
+    else:
+        ids, summed = xla(*args)
+    return RowSparse.tree_unflatten((grad.dense_shape, True), (ids, summed))
+
+
+def _coalesce_xla(
+    indices: chex.Array, values: chex.Array, num_rows: int
+) -> tuple[chex.Array, chex.Array]:
+    """:func:`coalesce` in XLA operations, for every backend.
+
+    The ids are sorted alone (a sort that carries a second operand, as ``jnp.unique`` and
+    ``argsort`` emit, costs several times more on XLA CPU), the distinct ones compacted to the
+    front, and each position finds its slot by binary search.
+    """
+    n = indices.shape[0]
+    valid = (indices >= 0) & (indices < num_rows)
+    indices = jnp.where(valid, indices, num_rows)
+    ordered = jnp.sort(indices)
+    first = jnp.concatenate([jnp.ones(min(n, 1), bool), ordered[1:] != ordered[:-1]])
+    ids = jnp.full(n, num_rows, indices.dtype).at[jnp.cumsum(first) - 1].set(ordered)
+    slot = jnp.searchsorted(ids, indices)
+    values = jnp.where(_rows_mask(valid, values), values, 0)
     summed = jax.ops.segment_sum(values, slot, num_segments=n)
     # Padding slots received nothing; invalid ids were zeroed above and land on a padding slot.
-    summed = jnp.where((ids < num_rows).reshape((n,) + (1,) * (summed.ndim - 1)), summed, 0)
-    return RowSparse.tree_unflatten(
-        (grad.dense_shape, True), (ids.astype(grad.indices.dtype), summed)
-    )
+    return ids, jnp.where(_rows_mask(ids < num_rows, summed), summed, 0)
+
+
+def _rows_mask(mask: chex.Array, rows: chex.Array) -> chex.Array:
+    """A per-row mask of shape ``(n,)`` broadcast against rows of shape ``(n, ...)``."""
+    return mask.reshape(mask.shape + (1,) * (rows.ndim - 1))
 
 
 def gather(dense: chex.Array, grad: RowSparse) -> chex.Array:

@@ -75,3 +75,40 @@ def mxnet1_step(
     history = history + np.square(grad)
     weight = weight + (grad / np.sqrt(history + eps) + weight * wd) * -lr
     return weight, history
+
+
+def rowwise_step(
+    weight, grad, history, *, lr, epsilon=1e-6, rescale_grad=1.0, clip_gradient=None, wd=0.0
+):
+    """One step of row-wise AdaGrad (``mx_adagrad.rowwise_adagrad``), in float64.
+
+    grad = clip(grad * rescale_grad, clip_gradient) + wd * weight
+    history[r] += mean(square(grad[r]))          # over every axis but the first; per element
+                                                 # for arrays of fewer than two axes
+    weight[r] -= learning_rate * grad[r] / (sqrt(history[r]) + epsilon)
+    """
+    weight, grad, history = (np.asarray(x, np.float64) for x in (weight, grad, history))
+    grad = grad * rescale_grad
+    if clip_gradient is not None:
+        grad = np.clip(grad, -clip_gradient, clip_gradient)
+    grad = grad + wd * weight
+    if grad.ndim < 2:
+        history = history + np.square(grad)
+        return weight - lr * grad / (np.sqrt(history) + epsilon), history
+    history = history + np.square(grad).reshape(grad.shape[0], -1).mean(axis=1)
+    root = (np.sqrt(history) + epsilon).reshape((-1,) + (1,) * (grad.ndim - 1))
+    return weight - lr * grad / root, history
+
+
+def torchrec_rowwise_step(param, grad, state_sum, *, lr, eps, weight_decay=0.0):
+    """One step of TorchRec's ``RowWiseAdagrad`` on a 2-D table, as published, in float64:
+
+    grad = grad + weight_decay * param
+    state_sum += grad.pow(2).mean(1)
+    param -= lr * grad / (sqrt(state_sum) + eps)
+    """
+    param, grad, state_sum = (np.asarray(x, np.float64) for x in (param, grad, state_sum))
+    grad = grad + weight_decay * param
+    state_sum = state_sum + (grad**2).mean(1)
+    param = param - lr * grad / (np.sqrt(state_sum) + eps)[:, None]
+    return param, state_sum

@@ -242,8 +242,11 @@ def test_property_matches_reference(
     got, state = run(tx, jnp.asarray(weight, dtype), [jnp.asarray(g, dtype) for g in grads])
     want, _ = reference.mxnet2_run(weight, grads, lr=lr, **hyper)
     master = state.master if low else got[-1]
-    # A handful of float32 operations per step, 4 steps: well inside 1e-5 of the array's scale.
-    assert reference.relative_error(master, want[-1]) <= 1e-5
+    # A handful of float32 operations per step, 4 steps: well inside 1e-5 of the scale of the
+    # trajectory (a weight that cancels to near 0 in the last step keeps the absolute float32
+    # error of the larger values it came from, so the last weight alone is not the scale).
+    scale = np.max(np.abs(np.asarray(want)), initial=np.finfo(np.float64).tiny)
+    assert np.max(np.abs(np.asarray(master, np.float64) - want[-1])) <= 1e-5 * scale
     if low:
         np.testing.assert_array_equal(got[-1], state.master.astype(dtype))
 

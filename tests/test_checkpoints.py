@@ -64,10 +64,12 @@ def init_params(key: jax.Array, low: Any) -> dict:
     }
 
 
-def make_tx(multi_precision: bool) -> optax.GradientTransformation:
+def make_tx(
+    multi_precision: bool, optimizer: Any = mx_adagrad.adagrad
+) -> optax.GradientTransformation:
     """AdaGrad with every stateful part in use: history, step count, a decaying schedule."""
     schedule = lr_scheduler.FactorScheduler(step=3, factor=0.5, base_lr=0.1)
-    return mx_adagrad.adagrad(
+    return optimizer(
         None,
         lr_scheduler=schedule,
         wd=1e-3,
@@ -223,9 +225,19 @@ def sparse_train(
     [roundtrip_standard_checkpointer, roundtrip_checkpoint_manager],
     ids=["StandardCheckpointer", "CheckpointManager"],
 )
-def test_row_sparse_table_run_resumes_bitwise(roundtrip: Any, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "state_type"),
+    [
+        (mx_adagrad.adagrad, mx_adagrad.ScaleByAdagradState),
+        (mx_adagrad.rowwise_adagrad, mx_adagrad.ScaleByRowwiseAdagradState),
+    ],
+    ids=["adagrad", "rowwise_adagrad"],
+)
+def test_row_sparse_table_run_resumes_bitwise(
+    roundtrip: Any, optimizer: Any, state_type: type, tmp_path: pathlib.Path
+) -> None:
     key = jax.random.key(1)
-    tx = make_tx(multi_precision=False)
+    tx = make_tx(multi_precision=False, optimizer=optimizer)
     params = init_embedding(key)
     full = sparse_train(tx, params, tx.init(params), range(SAVE_AT + MORE))
     saved = dict(
@@ -235,6 +247,7 @@ def test_row_sparse_table_run_resumes_bitwise(roundtrip: Any, tmp_path: pathlib.
     target = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params)}
     restored = roundtrip(tmp_path / "checkpoints", SAVE_AT, saved, target)
     assert_bitwise_equal(restored, saved)
+    assert isinstance(restored["opt_state"][3], state_type)
     resumed = sparse_train(
         tx, restored["params"], restored["opt_state"], range(SAVE_AT, SAVE_AT + MORE)
     )

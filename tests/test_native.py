@@ -1,8 +1,10 @@
-"""The native CPU kernel (mx_adagrad/_native): bitwise equal to the XLA path, in place, built once.
+"""The native CPU kernels (mx_adagrad/_native): bitwise equal to the XLA path, in place, built once.
 
-The reference is ``mx_adagrad.adagrad`` + ``apply_updates`` compiled by XLA CPU. The kernel repeats
-its operations and roundings, including the multiply-adds XLA contracts into FMAs, so every
-comparison here is bit for bit (NaN payloads and signed zeros included). Speed is never asserted.
+The step kernel's reference is ``mx_adagrad.adagrad`` + ``apply_updates`` compiled by XLA CPU. It
+repeats their operations and roundings, including the multiply-adds XLA contracts into FMAs, so every
+comparison here is bit for bit (NaN payloads and signed zeros included). The coalesce kernel's
+references are the XLA program of ``sparse.coalesce`` and a NumPy transcription of its contract.
+Speed is never asserted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import mx_adagrad
-from mx_adagrad import _native, flat
+from mx_adagrad import _native, flat, sparse
 
 pytestmark = pytest.mark.skipif(
     not _native.load(), reason="the native kernel is unavailable (no C++ compiler?)"
@@ -165,3 +167,86 @@ def test_without_a_compiler_warns_and_uses_the_xla_path(reload_native, monkeypat
 def test_turned_off_by_environment(reload_native, monkeypatch):
     monkeypatch.setenv("MX_ADAGRAD_NATIVE", "0")
     assert not _native.load()
+
+
+# The duplicate-row sum of RowSparse gradients (coalesce.cc).
+
+
+def numpy_coalesce(ids: np.ndarray, values: np.ndarray, num_rows: int):
+    """The coalesce contract in NumPy: distinct valid ids ascending, then padding; each row the
+    float32 sum of its duplicates in order of position, starting from +0.0 (``np.add.at`` adds
+    sequentially in index order)."""
+    valid = (ids >= 0) & (ids < num_rows)
+    unique = np.unique(ids[valid])
+    out_ids = np.full(ids.shape, num_rows, ids.dtype)
+    out_ids[: unique.size] = unique
+    rows = np.zeros(values.shape, np.float32)
+    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as it should be
+        np.add.at(rows, np.searchsorted(unique, ids[valid]), values[valid])
+    return out_ids, rows
+
+
+def coalesce_case(
+    rng: np.random.Generator, n: int, row_shape: tuple[int, ...], num_rows: int, edges=EDGES
+):
+    ids = ((rng.zipf(1.2, n) - 1) % num_rows).astype(np.int32)
+    ids[rng.random(n) < 0.1] = -3  # negative: padding
+    ids[rng.random(n) < 0.1] = num_rows + 5  # past the table: padding
+    values = rng.normal(size=(n, *row_shape)).astype(np.float32)
+    flat = values.reshape(n, -1)
+    flat[rng.random(n) < 0.2] = -0.0  # rows of -0.0 alone and next to others
+    flat[:, 0][: edges.size] = edges[:n]
+    return ids, values
+
+
+# XLA CPU runs with subnormals flushed to zero, the kernel on its threads too; NumPy does not.
+NORMAL_EDGES = EDGES[np.isnan(EDGES) | (np.abs(EDGES) >= np.finfo(np.float32).tiny) | (EDGES == 0)]
+
+
+def coalesce_both_ways(ids, values, num_rows):
+    xla = jax.jit(lambda i, v: sparse._coalesce_xla(i, v, num_rows))
+    native = jax.jit(lambda i, v: _native.coalesce(i, v, num_rows))
+    return xla(ids, values), native(ids, values)
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 300, 5000])
+@pytest.mark.parametrize("row_shape", [(1,), (8,), (2, 3)], ids=str)
+def test_coalesce_kernel_is_bitwise_the_xla_program_and_numpy(n, row_shape):
+    rng = np.random.default_rng(n)
+    ids, values = coalesce_case(rng, n, row_shape, num_rows=50)
+    (xla_ids, xla_rows), (ids_out, rows_out) = coalesce_both_ways(ids, values, 50)
+    np.testing.assert_array_equal(ids_out, xla_ids)
+    np.testing.assert_array_equal(bits(rows_out), bits(xla_rows))
+    ids, values = coalesce_case(rng, n, row_shape, num_rows=50, edges=NORMAL_EDGES)
+    want_ids, want_rows = numpy_coalesce(ids, values, 50)
+    for got_ids, got_rows in coalesce_both_ways(ids, values, 50):
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_array_equal(bits(got_rows), bits(jnp.asarray(want_rows)))
+
+
+def test_coalesce_kernel_takes_int64_ids():
+    rng = np.random.default_rng(9)
+    ids, values = coalesce_case(rng, 400, (4,), num_rows=2000, edges=NORMAL_EDGES)
+    ids = ids.astype(np.int64) * 1_000_003  # ids past 2**31, and past the table
+    with jax.enable_x64(True):
+        (xla_ids, xla_rows), (ids_out, rows_out) = coalesce_both_ways(ids, values, 3_000_000_000)
+        assert ids_out.dtype == jnp.int64
+    want_ids, want_rows = numpy_coalesce(ids, values, 3_000_000_000)
+    np.testing.assert_array_equal(ids_out, want_ids)
+    np.testing.assert_array_equal(bits(rows_out), bits(jnp.asarray(want_rows)))
+    np.testing.assert_array_equal(xla_ids, ids_out)
+    np.testing.assert_array_equal(bits(xla_rows), bits(rows_out))
+
+
+def test_sparse_step_on_cpu_calls_the_kernel_and_sorts_nothing():
+    tx = mx_adagrad.adagrad(0.1, wd=0.01, clip_gradient=1.0)
+    table = jnp.zeros((1000, 8))
+
+    def step(table, state, ids, values):
+        updates, state = tx.update(mx_adagrad.RowSparse(ids, values, table.shape), state, table)
+        return mx_adagrad.apply_updates(table, updates), state
+
+    ids, values = jnp.zeros(64, jnp.int32), jnp.zeros((64, 8))
+    text = jax.jit(step).lower(table, tx.init(table), ids, values).compile().as_text()
+    assert text.count('custom_call_target="mx_adagrad_coalesce_f32"') == 1  # once per step
+    assert " sort(" not in text

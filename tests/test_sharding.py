@@ -17,7 +17,7 @@ What is checked:
   the all-reduces of the gradient (as many as the gradient alone compiles to), params stay
   replicated, and 10 steps equal the one-device run within float32 summation-order rounding;
 * a table split by rows, updated with :func:`mx_adagrad.sharding.sharded_row_update`: bitwise the
-  single-device RowSparse step (table and history) over steps with duplicates, ids at shard
+  single-device RowSparse step (table and history, element-wise or row-wise) over steps with duplicates, ids at shard
   boundaries and out-of-range ids, also on a 2-D mesh with the batch split over the other axis; no
   collective; per-device memory of one shard, and no array with the table's row count anywhere in
   the compiled program;
@@ -294,11 +294,38 @@ def data_parallel_equals_one_device() -> None:
 ROWS, DIM, LOOKUPS = 1024, 16, 256  # 128 rows per device
 
 SPARSE_CONFIGS = {
-    "defaults": (dict(), "float32"),
-    "wd, clip, rescale": (dict(wd=0.01, clip_gradient=0.3, rescale_grad=0.5), "float32"),
-    "lr_mult, initial history": (dict(lr_mult=0.5, initial_accumulator_value=0.1), "float32"),
-    "multi_precision bfloat16": (dict(wd=0.01, multi_precision=True), "bfloat16"),
+    "defaults": (mx_adagrad.adagrad, dict(), "float32"),
+    "wd, clip, rescale": (
+        mx_adagrad.adagrad,
+        dict(wd=0.01, clip_gradient=0.3, rescale_grad=0.5),
+        "float32",
+    ),
+    "lr_mult, initial history": (
+        mx_adagrad.adagrad,
+        dict(lr_mult=0.5, initial_accumulator_value=0.1),
+        "float32",
+    ),
+    "multi_precision bfloat16": (
+        mx_adagrad.adagrad,
+        dict(wd=0.01, multi_precision=True),
+        "bfloat16",
+    ),
+    "rowwise, wd, clip": (mx_adagrad.rowwise_adagrad, dict(wd=0.01, clip_gradient=0.3), "float32"),
+    "rowwise multi_precision bfloat16": (
+        mx_adagrad.rowwise_adagrad,
+        dict(initial_accumulator_value=0.1, multi_precision=True),
+        "bfloat16",
+    ),
 }
+
+
+def row_state(state, table) -> list[tuple[str, object]]:
+    """(path, leaf) for every state leaf with one entry or row per table row (split with it)."""
+    return [
+        (jax.tree_util.keystr(path), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if leaf.ndim >= 1 and leaf.shape[0] == table.shape[0]
+    ]
 
 
 def lookups(rng, rows: int = ROWS, n: int = LOOKUPS):
@@ -324,8 +351,8 @@ def single_device_sparse_step(tx):
 def row_sharded_update_equals_single_device_bitwise() -> None:
     rng = np.random.default_rng(2)
     batches = [lookups(rng) for _ in range(4)]
-    for name, (config, dtype) in SPARSE_CONFIGS.items():
-        tx = mx_adagrad.adagrad(0.1, **config)
+    for name, (optimizer, config, dtype) in SPARSE_CONFIGS.items():
+        tx = optimizer(0.1, **config)
         start = np.asarray(jnp.asarray(rng.normal(size=(ROWS, DIM)), dtype))  # host copy: kept
         one_device_step, want = single_device_sparse_step(tx), jnp.asarray(start)
         want_state = tx.init(want)
@@ -340,7 +367,10 @@ def row_sharded_update_equals_single_device_bitwise() -> None:
             for ids, values in batches:
                 table, state = step(table, state, ids, values)
             assert table.sharding.spec[0] == "x", table.sharding
-            for path, leaf in param_shaped_state(state, table):
+            # History (per element or per row) and master copy: split by rows, as the table.
+            per_row = row_state(state, table)
+            assert len(per_row) == 1 + config.get("multi_precision", False), per_row
+            for path, leaf in per_row:
                 assert leaf.sharding.is_equivalent_to(table.sharding, leaf.ndim), path
             assert_trees_equal(table, want, f"{name} table")
             assert_trees_equal(state, want_state, f"{name} state")

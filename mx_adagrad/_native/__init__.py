@@ -1,12 +1,15 @@
-"""The native CPU kernel of :mod:`mx_adagrad.flat`: built on first use, loaded, registered with XLA.
+"""The native CPU kernels: built on first use, loaded, registered with XLA.
 
-``adagrad.cc`` (next to this file) is one XLA FFI handler per weight dtype that reads
-``weight, grad, [master,] history`` once and writes ``weight, [master,] history`` once, for any
-number of parameters in one call. XLA CPU compiles the same step to two loops over memory (it has
-no multi-output loop fusion by default); the kernel is one, and it is bitwise equal to the XLA
-program of ``mx_adagrad.adagrad`` + ``apply_updates``.
+* ``adagrad.cc``, the one-pass step of :mod:`mx_adagrad.flat`: one XLA FFI handler per weight
+  dtype that reads ``weight, grad, [master,] history`` once and writes ``weight, [master,]
+  history`` once, for any number of parameters in one call. XLA CPU compiles the same step to two
+  loops over memory (it has no multi-output loop fusion by default); the kernel is one, and it is
+  bitwise equal to the XLA program of ``mx_adagrad.adagrad`` + ``apply_updates``.
+* ``coalesce.cc``, the duplicate-row sum of :func:`mx_adagrad.sparse.coalesce` for float32 rows:
+  a radix sort and a sum in position order, bitwise equal to the XLA program (which pays for a
+  two-operand sort).
 
-Building: the first :func:`load` in a process compiles ``adagrad.cc`` with the C++ compiler
+Building: the first :func:`load` in a process compiles both sources with the C++ compiler
 ``$CXX`` (else ``g++``, else ``c++``) against the FFI headers of the installed jaxlib
 (``jax.ffi.include_dir()``)::
 
@@ -42,7 +45,7 @@ import numpy as np
 
 from mx_adagrad import _checks
 
-SOURCE = Path(__file__).with_name("adagrad.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("adagrad.cc", "coalesce.cc"))
 FLAGS = (
     "-O3",
     "-march=native",
@@ -61,6 +64,7 @@ TARGETS = {
     jnp.dtype(jnp.bfloat16): ("mx_adagrad_step_bf16", "MxAdagradStepBF16"),
     jnp.dtype(jnp.float16): ("mx_adagrad_step_f16", "MxAdagradStepF16"),
 }
+COALESCE_TARGET = ("mx_adagrad_coalesce_f32", "MxAdagradCoalesceF32")
 
 
 def cache_dir() -> Path:
@@ -96,18 +100,26 @@ def library_path(compiler: str) -> Path:
     ).stdout
     headers = sorted(Path(jax.ffi.include_dir()).rglob("*.h"))
     key = hashlib.sha256()
-    for part in (SOURCE, *headers, " ".join(FLAGS), version, _cpu_flags()):
+    for part in (*SOURCES, *headers, " ".join(FLAGS), version, _cpu_flags()):
         key.update(part.read_bytes() if isinstance(part, Path) else part.encode())
     return cache_dir() / f"mx_adagrad_native_{key.hexdigest()[:16]}.so"
 
 
 def build(compiler: str, path: Path) -> None:
-    """Compiles ``adagrad.cc`` to ``path`` (atomically: a temporary file, then a rename)."""
+    """Compiles the sources to one library at ``path`` (atomically: a temporary file, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        command = [
+            compiler,
+            *FLAGS,
+            "-isystem",
+            jax.ffi.include_dir(),
+            *map(str, SOURCES),
+            "-o",
+            tmp,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -135,7 +147,7 @@ def load() -> bool:
         if not path.exists():
             build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in TARGETS.values():
+        for target, symbol in (*TARGETS.values(), COALESCE_TARGET):
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
             )
@@ -220,3 +232,25 @@ def hyper_array(
     )
     values = (rescale_grad, clip, epsilon, float(rescale_fma))
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+
+
+def coalesce(indices: jax.Array, values: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """``coalesce.cc``'s duplicate-row sum (CPU only): ``(ids, rows)`` as
+    :func:`mx_adagrad.sparse.coalesce` computes them, for float32 ``values`` of shape ``(n, ...)``
+    and int32/int64 ``indices`` of shape ``(n,)``."""
+    indices, values = _varying_alike(indices, values)
+    shapes = (jax.ShapeDtypeStruct.like(indices), jax.ShapeDtypeStruct.like(values))
+    call = jax.ffi.ffi_call(COALESCE_TARGET[0], shapes, vmap_method="sequential")
+    return call(indices, values, num_rows=np.int64(num_rows))
+
+
+def _varying_alike(*operands: jax.Array) -> list[jax.Array]:
+    """Inside ``jax.shard_map``: the operands, each marked as varying over every mesh axis that
+    any of them varies over, so the call's results can be typed like them (outside: as given)."""
+    axes = set().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
+    return [
+        jax.lax.pcast(x, tuple(axes - jax.typeof(x).manual_axis_type.varying), to="varying")
+        if axes - jax.typeof(x).manual_axis_type.varying
+        else x
+        for x in operands
+    ]
