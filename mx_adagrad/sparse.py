@@ -154,15 +154,26 @@ def coalesce(grad: RowSparse) -> RowSparse:
     if grad.unique:
         return grad
     num_rows = grad.dense_shape[0]
-    args = (grad.indices, grad.values)
-    xla = functools.partial(_coalesce_xla, num_rows=num_rows)
-    # One slot is left to XLA, which turns that scatter-add into a copy (keeping a -0.0).
-    if grad.values.dtype == jnp.float32 and grad.indices.shape[0] > 1 and _native.load():
-        cpu = functools.partial(_native.coalesce, num_rows=num_rows)
-        ids, summed = jax.lax.platform_dependent(*args, cpu=cpu, default=xla)
-    else:
-        ids, summed = xla(*args)
+    ids, summed = _native_on_cpu(
+        functools.partial(_native.coalesce, num_rows=num_rows),
+        functools.partial(_coalesce_xla, num_rows=num_rows),
+        grad.indices,
+        grad.values,
+        # One slot is left to XLA, which turns that scatter-add into a copy (keeping a -0.0).
+        eligible=grad.values.dtype == jnp.float32 and grad.indices.shape[0] > 1,
+    )
     return RowSparse.tree_unflatten((grad.dense_shape, True), (ids, summed))
+
+
+def _native_on_cpu(
+    native: Callable[..., Any], xla: Callable[..., Any], *args: chex.Array, eligible: bool
+) -> Any:
+    """``native(*args)`` when the program runs on the CPU backend, the kernels are built and the
+    arrays are whole on each device (:func:`mx_adagrad._native.local`); else ``xla(*args)``, which
+    computes the same bits. ``eligible``: whether the kernel handles these dtypes and shapes."""
+    if eligible and _native.load() and _native.local(*args):
+        return jax.lax.platform_dependent(*args, cpu=native, default=xla)
+    return xla(*args)
 
 
 def _coalesce_xla(
@@ -192,9 +203,26 @@ def _rows_mask(mask: chex.Array, rows: chex.Array) -> chex.Array:
     return mask.reshape(mask.shape + (1,) * (rows.ndim - 1))
 
 
+# Row copies the native gather and scatter make (any float dtype of whole bytes); adds: float32.
+_ROW_COPY_DTYPES = tuple(
+    jnp.dtype(t)
+    for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)
+)
+
+
+def _rows_kernel(dense: chex.Array, grad: RowSparse, dtypes: tuple[Any, ...]) -> bool:
+    return jnp.ndim(dense) >= 1 and jnp.dtype(dense.dtype) in dtypes and grad.indices.shape[0] > 0
+
+
 def gather(dense: chex.Array, grad: RowSparse) -> chex.Array:
     """``dense[ids]`` for a coalesced ``grad``; zeros in the padding slots."""
-    return jnp.take(dense, grad.indices, axis=0, mode="fill", fill_value=0)
+    return _native_on_cpu(
+        _native.gather_rows,
+        lambda dense, ids: jnp.take(dense, ids, axis=0, mode="fill", fill_value=0),
+        dense,
+        grad.indices,
+        eligible=_rows_kernel(dense, grad, _ROW_COPY_DTYPES),
+    )
 
 
 def scatter(dense: chex.Array, grad: RowSparse, rows: chex.Array) -> chex.Array:
@@ -202,7 +230,14 @@ def scatter(dense: chex.Array, grad: RowSparse, rows: chex.Array) -> chex.Array:
 
     In place when ``dense`` is a donated buffer under ``jax.jit``.
     """
-    return dense.at[grad.indices].set(rows.astype(dense.dtype), mode="drop")
+    return _native_on_cpu(
+        functools.partial(_native.scatter_rows, add=False),
+        lambda dense, ids, rows: dense.at[ids].set(rows, mode="drop"),
+        dense,
+        grad.indices,
+        rows.astype(dense.dtype),
+        eligible=_rows_kernel(dense, grad, _ROW_COPY_DTYPES),
+    )
 
 
 def add(dense: chex.Array, update: RowSparse) -> chex.Array:
@@ -211,9 +246,16 @@ def add(dense: chex.Array, update: RowSparse) -> chex.Array:
     The sum is taken in the promoted dtype, as for dense leaves, then cast and scattered back.
     """
     update = coalesce(update)
-    if update.values.dtype == dense.dtype:  # the sum needs no promotion: one scatter-add
-        return dense.at[update.indices].add(update.values, mode="drop")
-    return scatter(dense, update, (gather(dense, update) + update.values).astype(dense.dtype))
+    if update.values.dtype != dense.dtype:
+        return scatter(dense, update, (gather(dense, update) + update.values).astype(dense.dtype))
+    return _native_on_cpu(  # the sum needs no promotion: one scatter-add
+        functools.partial(_native.scatter_rows, add=True),
+        lambda dense, ids, rows: dense.at[ids].add(rows, mode="drop"),
+        dense,
+        update.indices,
+        update.values,
+        eligible=_rows_kernel(dense, update, (jnp.dtype(jnp.float32),)),
+    )
 
 
 def on_rows(fn: Callable[..., chex.Array], grad: Any, *dense: chex.Array) -> Any:

@@ -250,3 +250,114 @@ def test_sparse_step_on_cpu_calls_the_kernel_and_sorts_nothing():
     text = jax.jit(step).lower(table, tx.init(table), ids, values).compile().as_text()
     assert text.count('custom_call_target="mx_adagrad_coalesce_f32"') == 1  # once per step
     assert " sort(" not in text
+
+
+# (optimizer, arguments, dtype, bitwise). The row kernels only copy rows and add two numbers, but
+# they change where XLA's fusions begin, and XLA CPU's own choices depend on that: whether the
+# decay's multiply-add is contracted into an FMA (the pure-XLA program itself computes the decayed
+# gradient with an FMA in one of its fusions and without in the other) and in which order a row
+# mean is summed. Where the step has neither (no decay, element-wise history, float32), the bits
+# are the XLA program's; elsewhere they differ from it in the last bits (both are roundings of the
+# same formula, checked against the float64 reference in test_sparse.py and test_rowwise.py).
+SPARSE_CONFIGS = {
+    "defaults": (mx_adagrad.adagrad, dict(), jnp.float32, True),
+    "rescale, clip": (
+        mx_adagrad.adagrad,
+        dict(rescale_grad=0.7, clip_gradient=0.3),
+        jnp.float32,
+        True,
+    ),
+    "lr_mult, initial history, epsilon 0": (
+        mx_adagrad.adagrad,
+        dict(lr_mult=0.5, initial_accumulator_value=0.1, epsilon=0.0),
+        jnp.float32,
+        True,
+    ),
+    "legacy": (mx_adagrad.legacy.adagrad, dict(clip_gradient=1.0), jnp.float32, True),
+    "lazy wd": (mx_adagrad.adagrad, dict(wd=0.1, lr_mult=0.5), jnp.float32, False),
+    "rowwise, wd": (
+        mx_adagrad.rowwise_adagrad,
+        dict(wd=0.05, clip_gradient=1.0),
+        jnp.float32,
+        False,
+    ),
+    "multi_precision bfloat16": (
+        mx_adagrad.adagrad,
+        dict(wd=0.01, multi_precision=True),
+        jnp.bfloat16,
+        False,
+    ),
+    "rowwise multi_precision float16": (
+        mx_adagrad.rowwise_adagrad,
+        dict(multi_precision=True),
+        jnp.float16,
+        False,
+    ),
+}
+
+
+def sparse_run(tx, table, batches):
+    @jax.jit
+    def step(table, state, ids, values):
+        updates, state = tx.update(mx_adagrad.RowSparse(ids, values, table.shape), state, table)
+        return mx_adagrad.apply_updates(table, updates), state
+
+    state = tx.init(table)
+    for ids, values in batches:
+        table, state = step(table, state, ids, values)
+    return table, state
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "config", "dtype", "bitwise"), SPARSE_CONFIGS.values(), ids=SPARSE_CONFIGS
+)
+def test_sparse_step_with_kernels_equals_the_xla_program(
+    optimizer, config, dtype, bitwise, reload_native, monkeypatch
+):
+    rng = np.random.default_rng(3)
+    table = jnp.asarray(rng.normal(size=(60, 5)), dtype)
+    batches = [coalesce_case(rng, 40, (5,), num_rows=60, edges=NORMAL_EDGES) for _ in range(4)]
+    batches = [(ids, jnp.asarray(values).astype(dtype)) for ids, values in batches]
+    tx = optimizer(0.1, **config)
+    with_kernels = sparse_run(tx, table, batches)
+    monkeypatch.setenv("MX_ADAGRAD_NATIVE", "0")
+    _native.load.cache_clear()
+    xla = sparse_run(tx, table, batches)
+    if bitwise:
+        assert_bitwise(with_kernels, xla)
+        return
+    for got, want in zip(jax.tree.leaves(with_kernels), jax.tree.leaves(xla)):
+        low = jnp.dtype(got.dtype)
+        if not jnp.issubdtype(low, jnp.floating):  # the step count
+            np.testing.assert_array_equal(got, want)
+            continue
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(
+            got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)]
+        )
+        # Last-bit differences: a few roundings in the leaf's dtype per step, 4 steps.
+        scale = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
+        error = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
+        assert error <= 8 * float(jnp.finfo(low).eps) * scale, (low, error, scale)
+
+
+def test_row_kernels_write_donated_tables_in_place():
+    tx = mx_adagrad.adagrad(0.1, wd=0.01)
+    rows, dim, n = 1 << 15, 16, 256
+    table = jax.ShapeDtypeStruct((rows, dim), jnp.float32)
+
+    def step(table, state, ids, values):
+        updates, state = tx.update(mx_adagrad.RowSparse(ids, values, table.shape), state, table)
+        return mx_adagrad.apply_updates(table, updates), state
+
+    args = (table, jax.eval_shape(tx.init, table))
+    args += (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n, dim), jnp.float32))
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+    text = compiled.as_text()
+    for target in ("gather_rows", "scatter_rows", "scatter_add_rows_f32"):
+        assert f'custom_call_target="mx_adagrad_{target}"' in text
+    memory = compiled.memory_analysis()
+    assert memory.alias_size_in_bytes >= 2 * rows * dim * 4  # table and history, in place
+    assert memory.temp_size_in_bytes < 16 * n * dim * 4  # scratch follows the lookups

@@ -8,6 +8,8 @@
 * ``coalesce.cc``, the duplicate-row sum of :func:`mx_adagrad.sparse.coalesce` for float32 rows:
   a radix sort and a sum in position order, bitwise equal to the XLA program (which pays for a
   two-operand sort).
+* ``rows.cc``, the row gather and the in-place row scatters of :mod:`mx_adagrad.sparse`: a
+  ``memcpy`` (or a vectorized add) per row where XLA CPU moves one element at a time.
 
 Building: the first :func:`load` in a process compiles both sources with the C++ compiler
 ``$CXX`` (else ``g++``, else ``c++``) against the FFI headers of the installed jaxlib
@@ -45,7 +47,7 @@ import numpy as np
 
 from mx_adagrad import _checks
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("adagrad.cc", "coalesce.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("adagrad.cc", "coalesce.cc", "rows.cc"))
 FLAGS = (
     "-O3",
     "-march=native",
@@ -65,6 +67,11 @@ TARGETS = {
     jnp.dtype(jnp.float16): ("mx_adagrad_step_f16", "MxAdagradStepF16"),
 }
 COALESCE_TARGET = ("mx_adagrad_coalesce_f32", "MxAdagradCoalesceF32")
+ROWS_TARGETS = {
+    "gather": ("mx_adagrad_gather_rows", "MxAdagradGatherRows"),
+    "scatter": ("mx_adagrad_scatter_rows", "MxAdagradScatterRows"),
+    "scatter_add": ("mx_adagrad_scatter_add_rows_f32", "MxAdagradScatterAddRowsF32"),
+}
 
 
 def cache_dir() -> Path:
@@ -147,7 +154,7 @@ def load() -> bool:
         if not path.exists():
             build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in (*TARGETS.values(), COALESCE_TARGET):
+        for target, symbol in (*TARGETS.values(), COALESCE_TARGET, *ROWS_TARGETS.values()):
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
             )
@@ -244,6 +251,22 @@ def coalesce(indices: jax.Array, values: jax.Array, num_rows: int) -> tuple[jax.
     return call(indices, values, num_rows=np.int64(num_rows))
 
 
+def local(*arrays: jax.Array) -> bool:
+    """Whether a call on ``arrays`` runs whole on each device: outside ``jit`` over a mesh, or
+    inside ``jax.shard_map`` over every mesh axis of size > 1.
+
+    The kernels have no sharding rule: where XLA partitions the program (a mesh axis that is
+    ``Auto`` or ``Explicit``), it would replicate their operands to call them, gathering a sharded
+    table onto every device. There the XLA program runs instead, which XLA partitions.
+    """
+    for x in arrays:
+        mesh = jax.typeof(x).sharding.mesh
+        for kind, size in zip(mesh.axis_types, mesh.axis_sizes):
+            if size > 1 and kind != jax.sharding.AxisType.Manual:
+                return False
+    return True
+
+
 def _varying_alike(*operands: jax.Array) -> list[jax.Array]:
     """Inside ``jax.shard_map``: the operands, each marked as varying over every mesh axis that
     any of them varies over, so the call's results can be typed like them (outside: as given)."""
@@ -254,3 +277,25 @@ def _varying_alike(*operands: jax.Array) -> list[jax.Array]:
         else x
         for x in operands
     ]
+
+
+def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``rows.cc``'s gather (CPU only): ``table[ids]``, zeros for ids outside the table."""
+    table, ids = _varying_alike(table, ids)
+    rows = jax.ShapeDtypeStruct.like(table).update(shape=(ids.shape[0], *table.shape[1:]))
+    return jax.ffi.ffi_call(ROWS_TARGETS["gather"][0], rows, vmap_method="sequential")(table, ids)
+
+
+def scatter_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, add: bool) -> jax.Array:
+    """``rows.cc``'s in-place scatter (CPU only): ``table.at[ids].set(rows, mode="drop")``, or
+    ``.add`` with ``add`` (float32 only). The result aliases ``table``: with a donated table the
+    rows are written where it lies."""
+    table, ids, rows = _varying_alike(table, ids, rows)
+    target = ROWS_TARGETS["scatter_add" if add else "scatter"][0]
+    call = jax.ffi.ffi_call(
+        target,
+        jax.ShapeDtypeStruct.like(table),
+        input_output_aliases={0: 0},
+        vmap_method="sequential",
+    )
+    return call(table, ids, rows)

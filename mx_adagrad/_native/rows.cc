@@ -1,0 +1,141 @@
+// Row gathers and scatters of RowSparse updates (mx_adagrad.sparse.gather, scatter, add) for the
+// XLA CPU backend.
+//
+//   gather:       out[k] = table[ids[k]]            zeros where ids[k] is outside [0, num_rows)
+//   scatter:      table[ids[k]] = rows[k]           in place; ids outside the table are dropped
+//   scatter_add:  table[ids[k]] += rows[k]          in place, float32, in order of k
+//
+// A "row" is everything after the first axis, copied as bytes (gather and scatter work for any
+// dtype). These are the jnp.take(mode="fill") and .at[ids].set/.add(mode="drop") of the XLA
+// program, bit for bit: copies, and for the add the same float32 sum of the same two numbers in
+// the same order. XLA CPU runs gathers and scatters one element at a time with bounds checks on
+// every index; a row at a time is one memcpy (or one vectorized add) per row.
+
+#include <cstdint>
+#include <cstring>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Rows {
+  int64_t count;  // rows in the table
+  int64_t bytes;  // bytes per row
+};
+
+// The table's row count and row size, checked against the rows' shape.
+bool TableRows(const ffi::AnyBuffer& table, const ffi::AnyBuffer& rows, int64_t n, Rows* out) {
+  const auto dims = table.dimensions();
+  if (dims.size() == 0 || table.element_type() != rows.element_type()) return false;
+  const int64_t count = dims[0];
+  const int64_t row_elements =
+      count == 0 ? 0 : static_cast<int64_t>(table.element_count()) / count;
+  if (static_cast<int64_t>(rows.element_count()) != n * row_elements) return false;
+  *out = Rows{count, n == 0 ? 0 : static_cast<int64_t>(rows.size_bytes()) / n};
+  return true;
+}
+
+template <typename Id>
+const Id* IdsOf(const ffi::AnyBuffer& ids) {
+  return static_cast<const Id*>(ids.untyped_data());
+}
+
+// Calls fn(k, row) for every k whose id is a row of the table.
+template <typename Fn>
+ffi::Error ForEachRow(const ffi::AnyBuffer& ids, int64_t count, Fn fn) {
+  const int64_t n = static_cast<int64_t>(ids.element_count());
+  switch (ids.element_type()) {
+    case ffi::DataType::S32:
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t id = IdsOf<int32_t>(ids)[k];
+        if (id >= 0 && id < count) fn(k, id);
+      }
+      return ffi::Error::Success();
+    case ffi::DataType::S64:
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t id = IdsOf<int64_t>(ids)[k];
+        if (id >= 0 && id < count) fn(k, id);
+      }
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("mx_adagrad: row ids must be int32 or int64");
+  }
+}
+
+// The table, written in place (XLA aliases the result to the operand; copy if it did not).
+char* InPlace(const ffi::AnyBuffer& table, ffi::Result<ffi::AnyBuffer>& out) {
+  if (out->untyped_data() != table.untyped_data()) {
+    std::memcpy(out->untyped_data(), table.untyped_data(), table.size_bytes());
+  }
+  return static_cast<char*>(out->untyped_data());
+}
+
+ffi::Error Gather(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::Result<ffi::AnyBuffer> rows) {
+  const int64_t n = static_cast<int64_t>(ids.element_count());
+  Rows shape;
+  if (ids.dimensions().size() != 1 || !TableRows(table, *rows, n, &shape)) {
+    return ffi::Error::InvalidArgument("mx_adagrad: gather got mismatched shapes");
+  }
+  char* out = static_cast<char*>(rows->untyped_data());
+  std::memset(out, 0, rows->size_bytes());
+  const char* in = static_cast<const char*>(table.untyped_data());
+  return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
+    std::memcpy(out + k * shape.bytes, in + id * shape.bytes, shape.bytes);
+  });
+}
+
+ffi::Error Scatter(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::AnyBuffer rows,
+                   ffi::Result<ffi::AnyBuffer> out) {
+  const int64_t n = static_cast<int64_t>(ids.element_count());
+  Rows shape;
+  if (ids.dimensions().size() != 1 || !TableRows(table, rows, n, &shape)) {
+    return ffi::Error::InvalidArgument("mx_adagrad: scatter got mismatched shapes");
+  }
+  char* dst = InPlace(table, out);
+  const char* src = static_cast<const char*>(rows.untyped_data());
+  return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
+    std::memcpy(dst + id * shape.bytes, src + k * shape.bytes, shape.bytes);
+  });
+}
+
+ffi::Error ScatterAddF32(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::AnyBuffer rows,
+                         ffi::Result<ffi::AnyBuffer> out) {
+  const int64_t n = static_cast<int64_t>(ids.element_count());
+  Rows shape;
+  if (ids.dimensions().size() != 1 || table.element_type() != ffi::DataType::F32 ||
+      !TableRows(table, rows, n, &shape)) {
+    return ffi::Error::InvalidArgument("mx_adagrad: scatter_add got mismatched shapes");
+  }
+  float* dst = reinterpret_cast<float*>(InPlace(table, out));
+  const float* src = static_cast<const float*>(rows.untyped_data());
+  const int64_t width = shape.bytes / static_cast<int64_t>(sizeof(float));
+  return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
+    float* __restrict to = dst + id * width;
+    const float* __restrict from = src + k * width;
+    for (int64_t e = 0; e < width; ++e) to[e] += from[e];
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradGatherRows, Gather,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradScatterRows, Scatter,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradScatterAddRowsF32, ScatterAddF32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
