@@ -1,12 +1,24 @@
-"""Sparse embedding step: cost follows the rows touched, not the table size.
+"""Sparse embedding steps against torch, side by side: optimizer step with optimizer step, train step
+with train step, and each against the bytes it must move.
 
-    python benchmarks/sparse_step.py [--json benchmarks/results/sparse_step.json]
+    python benchmarks/sparse_step.py [--quick] [--json benchmarks/results/sparse_step.json]
 
-Tables of 250,000 and 2,000,000 rows x 64 float32, 8,192 Zipf-distributed lookups per step
-(duplicates included, fresh ids every step). Contenders, interleaved in one process with params and
-state donated: mx_adagrad with a RowSparse gradient, mx_adagrad with the dense gradient of the same
-lookups (the whole table read and written), and torch.optim.Adagrad on an nn.Embedding(sparse=True)
-gradient when torch is installed. Prints a Markdown table of median ms/step and writes JSON.
+Tables of 250,000, 2,000,000 and 10,000,000 rows x 64 float32; 8,192 Zipf-distributed lookups per
+step (duplicates included; a pool of batches is cycled, fresh ids on every step). Contenders, in one
+process, timed as ``benchmarks/timing.py`` times them (rounds in a random order; a pause, one
+untimed step, a block of timed steps; ratios taken within each round):
+
+* optimizer step, given the gradient: ``mx_adagrad.adagrad`` ``update`` + ``apply_updates`` on a
+  ``RowSparse`` (jitted, table and state donated); the same on the dense gradient of the same
+  lookups; ``mx_adagrad.rowwise_adagrad``; ``torch.optim.Adagrad.step()`` on the same gradient as a
+  sparse COO tensor;
+* train step (lookup, backward, update) of ``loss = sum(tanh(table[ids]) * values)``:
+  ``mx_adagrad.value_and_row_grad`` + the update, jitted; torch's ``nn.Embedding(sparse=True)``
+  forward + backward + ``Adagrad.step()``.
+
+The floor of a step is the bytes it must move at this machine's streaming bandwidth (a 256 MB
+``numpy.copyto``, measured in the same run): the gradient rows read once, and the weight and
+history rows of the distinct ids read and written once. Prints Markdown tables, writes JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -21,108 +34,266 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import PAUSE  # benchmarks/ is the script's directory, so it is on sys.path
+import timing  # benchmarks/ is the script's directory, so it is on sys.path
 
 import mx_adagrad
 
-DIM, LOOKUPS = 64, 8192
-STEPS, WARMUP = 30, 5
+try:
+    import torch
+except ImportError:
+    torch = None
+
+DIM, LOOKUPS, POOL = 64, 8192, 16
+SIZES = {"250k": 250_000, "2M": 2_000_000, "10M": 10_000_000}
+LR = 0.01
 
 
 def zipf_ids(rng: np.random.Generator, rows: int) -> np.ndarray:
     return ((rng.zipf(1.1, LOOKUPS) - 1) % rows).astype(np.int32)
 
 
-def jax_contender(rows: int, dense: bool):
-    tx = mx_adagrad.adagrad(0.01)
+def batches(rows: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (zipf_ids(rng, rows), rng.normal(size=(LOOKUPS, DIM)).astype(np.float32))
+        for _ in range(POOL)
+    ]
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(table, state, ids, values):
-        grad = mx_adagrad.RowSparse(ids, values, (rows, DIM))
-        if dense:
-            grad = grad.todense()
-        updates, state = tx.update(grad, state, table)
+
+def cycle(items):
+    """A function returning the next item on every call, round and round."""
+    state = {"i": -1}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return next_item
+
+
+def jax_steps(tx, rows: int, pool):
+    """Optimizer step, dense-gradient step and train step on one shared table and state."""
+    table = jnp.zeros((rows, DIM), jnp.float32)
+    buffers = {"table": table, "state": tx.init(table)}
+    device_pool = [(jnp.asarray(ids), jnp.asarray(values)) for ids, values in pool]
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="dense")
+    def optimizer_step(table, state, ids, values, dense=False):
+        grad = mx_adagrad.RowSparse(ids, values, table.shape)
+        updates, state = tx.update(grad.todense() if dense else grad, state, table)
         return mx_adagrad.apply_updates(table, updates), state
 
-    table = jnp.zeros((rows, DIM), jnp.float32)
-    buffers = [table, tx.init(table)]
+    def loss_fn(params, rows, values):
+        del params  # the table is looked up by value_and_row_grad
+        return jnp.sum(jnp.tanh(rows["table"]) * values)
 
-    def run(ids, values):
-        buffers[0], buffers[1] = step(buffers[0], buffers[1], ids, values)
-        buffers[0].block_until_ready()
+    grad_fn = mx_adagrad.value_and_row_grad(loss_fn, tables=["table"])
 
-    return run
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(table, state, ids, values):
+        loss, grads = grad_fn({"table": table}, {"table": ids}, values)
+        updates, state = tx.update(grads["table"], state, table)
+        return mx_adagrad.apply_updates(table, updates), state, loss
+
+    def runner(kind):
+        next_batch = cycle(device_pool)
+
+        def run():
+            ids, values = next_batch()
+            if kind == "train":
+                out = train_step(buffers["table"], buffers["state"], ids, values)
+                buffers["table"], buffers["state"], _ = out
+            else:
+                buffers["table"], buffers["state"] = optimizer_step(
+                    buffers["table"], buffers["state"], ids, values, dense=kind == "dense"
+                )
+            buffers["table"].block_until_ready()
+
+        return run
+
+    compiled = optimizer_step.lower(buffers["table"], buffers["state"], *device_pool[0]).compile()
+    return runner, compiled.memory_analysis()
 
 
-def torch_contender(rows: int):
-    import torch
-
+def torch_steps(rows: int, pool):
+    """torch.optim.Adagrad on a sparse COO gradient, and the nn.Embedding(sparse=True) step."""
     embedding = torch.nn.Embedding(rows, DIM, sparse=True)
-    optimizer = torch.optim.Adagrad(embedding.parameters(), lr=0.01)
+    torch.nn.init.zeros_(embedding.weight)
+    optimizer = torch.optim.Adagrad(embedding.parameters(), lr=LR)
+    torch_pool = [(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(v)) for ids, v in pool]
+    coo = [
+        torch.sparse_coo_tensor(ids[None], values, (rows, DIM), check_invariants=False)
+        for ids, values in torch_pool
+    ]
 
-    def run(ids, values):
-        optimizer.zero_grad(set_to_none=True)
-        embedding(torch.from_numpy(np.asarray(ids, np.int64))).backward(torch.from_numpy(values))
-        optimizer.step()
+    def optimizer_step():
+        next_grad = cycle(coo)
 
-    return run
+        def run():
+            embedding.weight.grad = next_grad()
+            optimizer.step()
+
+        return run
+
+    def train_step():
+        next_batch = cycle(torch_pool)
+
+        def run():
+            ids, values = next_batch()
+            optimizer.zero_grad(set_to_none=True)
+            (torch.tanh(embedding(ids)) * values).sum().backward()
+            optimizer.step()
+
+        return run
+
+    return optimizer_step(), train_step()
 
 
-def measure(steps: int = STEPS, pause: float = PAUSE) -> dict[str, list[float]]:
-    """Seconds per step of every contender, interleaved in this process (``benchmarks/run.py``
-    reuses this)."""
-    contenders = {}
-    for rows in (250_000, 2_000_000):
-        contenders[f"mx_adagrad RowSparse, {rows:,} rows"] = (rows, jax_contender(rows, False))
-        contenders[f"mx_adagrad dense grad, {rows:,} rows"] = (rows, jax_contender(rows, True))
-    try:
-        import torch
+def streaming_gbps(repeats: int = 10) -> float:
+    """This machine's copy bandwidth, GB/s counting bytes read and written (256 MB numpy copy)."""
+    src, dst = np.ones(1 << 26, np.float32), np.empty(1 << 26, np.float32)
+    np.copyto(dst, src)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        seconds.append(time.perf_counter() - start)
+    return 2 * src.nbytes / np.median(seconds) / 1e9
 
-        torch.set_num_threads(2)
-        for rows in (250_000, 2_000_000):
-            contenders[f"torch Adagrad sparse, {rows:,} rows"] = (rows, torch_contender(rows))
-    except ImportError:
-        print("torch is not installed: torch.optim.Adagrad is left out")
 
-    rng = np.random.default_rng(0)
-    times = {name: [] for name in contenders}
-    for _ in range(steps):
-        values = rng.normal(size=(LOOKUPS, DIM)).astype(np.float32)
-        ids = {rows: zipf_ids(rng, rows) for rows in (250_000, 2_000_000)}
-        for name, (rows, run) in contenders.items():
-            time.sleep(pause)  # let the previous contender's worker threads go idle
-            start = time.perf_counter()
-            run(ids[rows], values)
-            times[name].append(time.perf_counter() - start)
-    return times
+def floor_ms(pool, gbps: float) -> float:
+    """The bytes a step must move at ``gbps``: gradient rows read; weight and history rows of the
+    distinct ids read and written (median over the pool)."""
+    row = DIM * 4
+    bytes_ = [LOOKUPS * row + 4 * len(np.unique(ids)) * row for ids, _ in pool]
+    return float(np.median(bytes_)) / (gbps * 1e9) * 1e3
+
+
+def contenders(sizes: dict[str, int]):
+    """name -> run, and what the figures are compared with."""
+    runs, memory = {}, {}
+    adagrad, rowwise = mx_adagrad.adagrad(LR), mx_adagrad.rowwise_adagrad(LR)
+    for label, rows in sizes.items():
+        pool = batches(rows)
+        runner, memory[label] = jax_steps(adagrad, rows, pool)
+        runs[f"optimizer step: mx_adagrad RowSparse, {label}"] = runner("sparse")
+        runs[f"train step: mx_adagrad value_and_row_grad, {label}"] = runner("train")
+        if label == "2M":
+            runs[f"optimizer step: mx_adagrad dense gradient, {label}"] = runner("dense")
+            runs[f"optimizer step: mx_adagrad rowwise RowSparse, {label}"] = jax_steps(
+                rowwise, rows, pool
+            )[0]("sparse")
+        if torch is not None and rows <= 2_000_000:
+            optimizer_run, train_run = torch_steps(rows, pool)
+            runs[f"optimizer step: torch Adagrad, sparse COO grad, {label}"] = optimizer_run
+            runs[f"train step: torch nn.Embedding(sparse=True) + Adagrad, {label}"] = train_run
+    return runs, memory
+
+
+def paired(results, name: str, base: str) -> dict[str, float]:
+    ratio = np.array([r[name] / r[base] for r in results])
+    return {
+        "median": float(np.median(ratio)),
+        "p10": float(np.percentile(ratio, 10)),
+        "p90": float(np.percentile(ratio, 90)),
+    }
+
+
+def measure(count: int, block: int, sizes: dict[str, int] = SIZES) -> dict:
+    """Runs every contender; returns the summary (also used by ``benchmarks/run.py``)."""
+    runs, memory = contenders(sizes)
+    gbps = streaming_gbps()
+    results = timing.rounds(runs, count, block)
+    stats = timing.summarize(results, None)
+    floors = {label: floor_ms(batches(rows), gbps) for label, rows in sizes.items()}
+    ratios = {}
+    for label in sizes:
+        for kind, ours, theirs in (
+            (
+                "optimizer",
+                "optimizer step: mx_adagrad RowSparse",
+                "optimizer step: torch Adagrad, sparse COO grad",
+            ),
+            (
+                "train",
+                "train step: mx_adagrad value_and_row_grad",
+                "train step: torch nn.Embedding(sparse=True) + Adagrad",
+            ),
+        ):
+            if f"{theirs}, {label}" in runs:
+                ratios[f"{kind} step ÷ torch, {label}"] = paired(
+                    results, f"{ours}, {label}", f"{theirs}, {label}"
+                )
+    smallest, *_, largest = sizes
+    for kind in (
+        "optimizer step: mx_adagrad RowSparse",
+        "train step: mx_adagrad value_and_row_grad",
+    ):
+        ratios[f"{kind}, {largest} ÷ {smallest}"] = paired(
+            results, f"{kind}, {largest}", f"{kind}, {smallest}"
+        )
+    return {
+        "stats": stats,
+        "ratios": ratios,
+        "streaming_gbps": gbps,
+        "floor_ms": floors,
+        "memory": {
+            label: {
+                "table_bytes": rows * DIM * 4,
+                "argument_bytes": m.argument_size_in_bytes,
+                "alias_bytes": m.alias_size_in_bytes,
+                "temp_bytes": m.temp_size_in_bytes,
+            }
+            for (label, rows), m in zip(sizes.items(), memory.values())
+        },
+    }
+
+
+def print_report(summary: dict) -> None:
+    print(f"streaming bandwidth: {summary['streaming_gbps']:.1f} GB/s (read + write)\n")
+    print("| step (8,192 Zipf lookups x 64, float32) | ms / step | p10-p90 ms | floor ms |")
+    print("|---|---|---|---|")
+    for name, s in summary["stats"].items():
+        label = name.rsplit(", ", 1)[-1]
+        floor = summary["floor_ms"].get(label) if "mx_adagrad RowSparse" in name else None
+        floor_text = f"{floor:.2f}" if floor is not None else ""
+        print(
+            f"| {name} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "
+            f"{floor_text} |"
+        )
+    print("\n| paired ratio (per round) | median | p10-p90 |\n|---|---|---|")
+    for name, r in summary["ratios"].items():
+        print(f"| {name} | {r['median']:.2f} | {r['p10']:.2f}-{r['p90']:.2f} |")
+    print("\n| table | table MB | step arguments MB | updated in place MB | temporaries MB |")
+    print("|---|---|---|---|---|")
+    for label, m in summary["memory"].items():
+        print(
+            f"| {label} | {m['table_bytes'] / 1e6:.0f} | {m['argument_bytes'] / 1e6:.0f} | "
+            f"{m['alias_bytes'] / 1e6:.0f} | {m['temp_bytes'] / 1e6:.1f} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, no 10M table")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-
-    times = measure()
-    medians = {name: float(np.median(t[WARMUP:])) * 1e3 for name, t in times.items()}
-    small = medians["mx_adagrad RowSparse, 250,000 rows"]
-    print(f"| step ({LOOKUPS:,} Zipf lookups x {DIM}) | ms / step | vs RowSparse 250k |")
-    print("|---|---|---|")
-    for name, ms in medians.items():
-        print(f"| {name} | {ms:.2f} | {ms / small:.2f} |")
-    large = medians["mx_adagrad RowSparse, 2,000,000 rows"]
-    dense = medians["mx_adagrad dense grad, 2,000,000 rows"]
-    print(
-        f"\n2M / 250k RowSparse: {large / small:.2f}x; dense / RowSparse at 2M: {dense / large:.1f}x"
-    )
+    if torch is None:
+        print("torch is not installed: its rows are left out")
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+    sizes = {k: v for k, v in SIZES.items() if not (args.quick and k == "10M")}
+    summary = measure(*((4, 3) if args.quick else (20, 5)), sizes=sizes)
+    print_report(summary)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "machine": f"{platform.machine()} {platform.processor()}, {jax.device_count()} "
-            f"{jax.devices()[0].platform} device(s)",
-            "jax": jax.__version__,
-            "median_ms": medians,
-        }
-        args.json.write_text(json.dumps(record, indent=2))
+        summary["machine"] = (
+            f"{platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s)"
+        )
+        summary["jax"] = jax.__version__
+        summary["torch"] = None if torch is None else torch.__version__
+        args.json.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -270,3 +270,71 @@ def test_sparse_step_has_no_table_sized_temporaries():
     table_bytes = rows * 8 * 4
     # Temporaries follow the 256 gradient rows, not the 65536-row table (scatters are in place).
     assert compiled.memory_analysis().temp_size_in_bytes < table_bytes // 16
+
+
+BIG_ROWS = 10_000_000
+
+
+def embedding_train_step(tx):
+    """A jitted, donated train step: look rows up, differentiate a nonlinear loss, update."""
+
+    def loss_fn(params, rows, labels):
+        del params
+        return jnp.mean(jnp.logaddexp(0.0, jnp.sum(rows["table"], axis=-1)) * labels)
+
+    grad_fn = mx_adagrad.value_and_row_grad(loss_fn, tables=["table"])
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, ids, labels):
+        loss, grads = grad_fn(params, {"table": ids}, labels)
+        updates, state = tx.update(grads, state, params)
+        return mx_adagrad.apply_updates(params, updates), state, loss
+
+    return step
+
+
+@pytest.mark.parametrize("optimizer", [mx_adagrad.adagrad, mx_adagrad.rowwise_adagrad])
+def test_ten_million_row_table_step_needs_no_table_sized_temporary(optimizer):
+    tx, dim, lookups = optimizer(0.1, wd=1e-4), 64, 8192
+    params = {"table": jax.ShapeDtypeStruct((BIG_ROWS, dim), jnp.float32)}
+    state = jax.eval_shape(tx.init, params)
+    ids, labels = (
+        jax.ShapeDtypeStruct((lookups,), jnp.int32),
+        jax.ShapeDtypeStruct((lookups,), jnp.float32),
+    )
+    memory = embedding_train_step(tx).lower(params, state, ids, labels).compile().memory_analysis()
+    table = BIG_ROWS * dim * 4
+    history = table if optimizer is mx_adagrad.adagrad else BIG_ROWS * 4  # one float per row
+    batch = lookups * 4 * 2 + 4  # ids, labels, step count
+    assert memory.argument_size_in_bytes == table + history + batch
+    assert memory.alias_size_in_bytes >= table + history  # both updated in place
+    # Scratch follows the lookups (8,192 rows of 64 floats, a few copies), not the table.
+    assert memory.temp_size_in_bytes < 16 * lookups * dim * 4  # 33.5 MB, against 2.56 GB
+
+
+def test_ten_million_row_table_trains_its_touched_rows_only():
+    tx = mx_adagrad.rowwise_adagrad(0.5)
+    rng = np.random.default_rng(11)
+    ids = np.concatenate([[0, BIG_ROWS - 1], rng.integers(0, BIG_ROWS, 30)]).astype(np.int32)
+    labels = rng.random(ids.size).astype(np.float32)
+    params = {"table": jnp.full((BIG_ROWS, 2), 0.25, jnp.float32)}
+    state = tx.init(params)
+    assert state[3].history["table"].shape == (BIG_ROWS,)
+    step = embedding_train_step(tx)
+    params, state, _ = step(params, state, jnp.asarray(ids), jnp.asarray(labels))
+    table = np.asarray(params["table"])
+    # The float64 step of the touched rows: each lookup's gradient is sigmoid(0.25 + 0.25) *
+    # label / n in both columns, summed over the lookups of a row.
+    d_lookup = labels.astype(np.float64) / (1.0 + np.exp(-0.5)) / ids.size
+    rows = np.unique(ids)
+    summed = np.zeros((rows.size, 2))
+    np.add.at(summed, np.searchsorted(rows, ids), d_lookup[:, None])
+    want, _ = reference.rowwise_step(
+        np.full((rows.size, 2), 0.25), summed, np.zeros(rows.size), lr=0.5
+    )
+    # float32 forward and backward of a few operations, then one step.
+    np.testing.assert_allclose(table[rows], want, rtol=1e-6)
+    untouched = np.ones(BIG_ROWS, bool)
+    untouched[rows] = False
+    assert np.all(table[untouched] == 0.25)
+    assert np.all(np.asarray(state[3].history["table"])[untouched] == 0.0)
