@@ -30,6 +30,7 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/run.py --json benchmarks/results/bench.json --png benchmarks/results/bench.png
 	$(PY) benchmarks/fused_vs_torch.py --json benchmarks/results/fused_vs_torch.json
 	$(PY) benchmarks/scaling.py --json benchmarks/results/scaling.json
+	$(PY) benchmarks/sparse_step.py --json benchmarks/results/sparse_step.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

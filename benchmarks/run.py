@@ -7,8 +7,6 @@ Cases (params and optimizer state donated, gradients fixed):
 * one 16M-parameter float32 leaf; a ResNet-50-shaped pytree (161 leaves, 25.6M parameters); 1000
   tiny leaves (227k parameters), next to one leaf of the same size;
 * the 16M leaf and the ResNet tree in bfloat16 with ``multi_precision`` (float32 master + history);
-* the sparse embedding step of ``benchmarks/sparse_step.py`` (250k and 2M rows x 64, 8,192 Zipf
-  lookups): RowSparse against the dense path and torch's sparse Adagrad;
 * compile time of the step for the 161- and 1000-leaf trees.
 
 Contenders: ``mx_adagrad.adagrad(wd=1e-4)`` (``update`` + ``apply_updates``), the fused step
@@ -51,8 +49,7 @@ try:
 except ImportError:
     torch = None
 
-import sparse_step  # benchmarks/ is the script's directory, so it is on sys.path
-import timing
+import timing  # benchmarks/ is the script's directory, so it is on sys.path
 
 LR, WD, EPS = 0.01, 1e-4, 1e-6
 RESULTS = Path(__file__).with_name("results")
@@ -320,7 +317,6 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=RESULTS / "bench.png")
     args = parser.parse_args()
     count, block, repeats = (6, 3, 1) if args.quick else (20, 5, 3)
-    sparse_steps, sparse_warmup = (8, 2) if args.quick else (20, 4)
     if torch is None:
         print("torch is not installed: torch.optim.Adagrad and torch copy_ are left out")
     else:
@@ -361,15 +357,6 @@ def main() -> None:
         results["cases"][title] = stats
         print_case(title, stats)
         gc.collect()
-
-    title = "sparse embedding, 8,192 Zipf lookups x 64"
-    times = sparse_step.measure(sparse_steps)  # fresh lookups every step: one step per round
-    per_step = [
-        {name: t[i] for name, t in times.items()} for i in range(sparse_warmup, sparse_steps)
-    ]
-    stats = timing.summarize(per_step, None)
-    results["cases"][title] = stats
-    print_case(title, stats)
 
     print("\n### compile time (trace + lower + compile, caches cleared), seconds\n")
     print("| tree | contender | s |\n|---|---|---|")

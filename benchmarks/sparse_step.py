@@ -190,15 +190,6 @@ def contenders(sizes: dict[str, int]):
     return runs, memory
 
 
-def paired(results, name: str, base: str) -> dict[str, float]:
-    ratio = np.array([r[name] / r[base] for r in results])
-    return {
-        "median": float(np.median(ratio)),
-        "p10": float(np.percentile(ratio, 10)),
-        "p90": float(np.percentile(ratio, 90)),
-    }
-
-
 def measure(count: int, block: int, sizes: dict[str, int] = SIZES) -> dict:
     """Runs every contender; returns the summary (also used by ``benchmarks/run.py``)."""
     runs, memory = contenders(sizes)
@@ -221,7 +212,7 @@ def measure(count: int, block: int, sizes: dict[str, int] = SIZES) -> dict:
             ),
         ):
             if f"{theirs}, {label}" in runs:
-                ratios[f"{kind} step ÷ torch, {label}"] = paired(
+                ratios[f"{kind} step ÷ torch, {label}"] = timing.paired_ratio(
                     results, f"{ours}, {label}", f"{theirs}, {label}"
                 )
     smallest, *_, largest = sizes
@@ -229,7 +220,7 @@ def measure(count: int, block: int, sizes: dict[str, int] = SIZES) -> dict:
         "optimizer step: mx_adagrad RowSparse",
         "train step: mx_adagrad value_and_row_grad",
     ):
-        ratios[f"{kind}, {largest} ÷ {smallest}"] = paired(
+        ratios[f"{kind}, {largest} ÷ {smallest}"] = timing.paired_ratio(
             results, f"{kind}, {largest}", f"{kind}, {smallest}"
         )
     return {

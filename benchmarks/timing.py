@@ -56,11 +56,17 @@ def summarize(results: list[dict[str, float]], base: str | None) -> dict[str, di
             "p90_ms": float(np.percentile(ms, 90)),
         }
         if base is not None and base in results[0]:
-            ratio = np.array([r[name] / r[base] for r in results])
-            stats |= {
-                "ratio_median": float(np.median(ratio)),
-                "ratio_p10": float(np.percentile(ratio, 10)),
-                "ratio_p90": float(np.percentile(ratio, 90)),
-            }
+            stats |= {f"ratio_{k}": v for k, v in paired_ratio(results, name, base).items()}
         out[name] = stats
     return out
+
+
+def paired_ratio(results: list[dict[str, float]], name: str, base: str) -> dict[str, float]:
+    """The median, p10 and p90 over rounds of ``name``'s time divided by ``base``'s in the same
+    round."""
+    ratio = np.array([r[name] / r[base] for r in results])
+    return {
+        "median": float(np.median(ratio)),
+        "p10": float(np.percentile(ratio, 10)),
+        "p90": float(np.percentile(ratio, 90)),
+    }
