@@ -15,8 +15,15 @@ migration, one module each:
    that continues it exactly.
 5. :mod:`.optimizers`: :func:`restore` (MXNet's Optimizer API) and :func:`restore_functional`
    (an optax transformation and its state) continue the checkpoint where MXNet stopped.
+6. :mod:`.layouts`: the layout rules (Dense ``(out, in)`` -> ``(in, out)``, Conv ``OIHW`` ->
+   ``HWIO``, BatchNorm ``gamma`` -> ``scale``, ...).
+7. :mod:`.mapping`: which Gluon array goes to which leaf of the JAX model (``name_map``, or pairing
+   by order for plain sequential nets).
+8. :mod:`.jax_model`: :func:`to_jax` (Gluon arrays in the JAX model's layout) and
+   :func:`restore_into` (a whole checkpoint, AdaGrad state included, in that layout).
 """
 
+from mx_adagrad.mxnet_io.jax_model import restore_into, to_jax
 from mx_adagrad.mxnet_io.ndarray_files import load_params
 from mx_adagrad.mxnet_io.optimizers import restore, restore_functional
 from mx_adagrad.mxnet_io.pairing import TrainerOrder
@@ -29,4 +36,6 @@ __all__ = [
     "load_trainer_states",
     "restore",
     "restore_functional",
+    "restore_into",
+    "to_jax",
 ]

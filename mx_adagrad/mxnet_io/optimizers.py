@@ -9,10 +9,12 @@ keyed by structural name.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mx_adagrad import alias, compat, legacy
@@ -20,7 +22,7 @@ from mx_adagrad._checks import fail, shown
 from mx_adagrad.mxnet_io.ndarray_files import load_params
 from mx_adagrad.mxnet_io.pairing import TrainerOrder, pair, remap, trainer_order_names
 from mx_adagrad.mxnet_io.schedulers import pickled_attributes, restored_scheduler
-from mx_adagrad.mxnet_io.trainer_states import OPTIMIZERS, load_trainer_states
+from mx_adagrad.mxnet_io.trainer_states import OPTIMIZERS, State, load_trainer_states
 from mx_adagrad.precision import LOW_PRECISION_DTYPES
 
 __all__ = ["restore", "restore_functional"]
@@ -76,6 +78,82 @@ def _optimizer(
     optimizer.num_update = num_update
     optimizer._index_update_count = remap(counts, "_index_update_count", positions, count, sources)
     return optimizer
+
+
+def read_checkpoint(
+    params_path: str | os.PathLike[str],
+    states_path: str | os.PathLike[str],
+    trainer_order: TrainerOrder,
+) -> tuple[compat.Optimizer, dict[str, np.ndarray], list[State], list[str]]:
+    """What :func:`restore` returns, as read from the files: the optimizer, every array of
+    ``params_path`` (numpy, by structural name), and the states and names of the trained
+    parameters (numpy), in Trainer index order."""
+    sources = f"{os.fspath(params_path)!r} and {os.fspath(states_path)!r}"
+    params = load_params(params_path)
+    if not isinstance(params, dict):
+        fail(
+            "restore",
+            "params_path",
+            "a .params file with names (Gluon's save_parameters)",
+            shown(f"{os.fspath(params_path)!r}, a list of {len(params)} unnamed arrays"),
+        )
+    states, info = load_trainer_states(states_path)
+    if info is None:
+        fail(
+            "restore",
+            "states_path",
+            "a trainer.states file that holds the optimizer (Trainer.save_states)",
+            shown(f"{os.fspath(states_path)!r}, which holds the states only"),
+        )
+    names = trainer_order_names(params, trainer_order)
+    indices = pair(states, names, params, trainer_order is not None, sources)
+    positions = {index: position for position, index in enumerate(indices)}
+    optimizer = _optimizer(info, positions, len(names), sources)
+    return optimizer, params, [states[index] for index in indices], [names[i] for i in indices]
+
+
+def transformation(
+    where: str, optimizer: compat.Optimizer, positions: Mapping[str, int]
+) -> optax.GradientTransformation:
+    """The optax form of a restored ``optimizer``, for parameters keyed as ``positions``.
+
+    ``positions[key]`` is the position of a parameter in the optimizer's tables (its index in
+    :func:`restore`'s lists); the multipliers become ``{key: value}`` dicts and the next update
+    is MXNet's next ``num_update``.
+    """
+    if optimizer.lr_scheduler is not None:
+        counts = {
+            key: optimizer._index_update_count.get(i, optimizer.begin_num_update)
+            for key, i in positions.items()
+        }
+        behind = {key: n for key, n in counts.items() if n != optimizer.num_update}
+        if behind:
+            fail(
+                where,
+                "the update count of every parameter",
+                f"the optimizer's num_update ({optimizer.num_update}) when there is an "
+                "lr_scheduler (use restore, which keeps per-parameter counts)",
+                shown(", ".join(f"{key!r}: {n}" for key, n in behind.items())),
+            )
+
+    def multipliers(table: dict[Any, float], attribute: str) -> dict[str, float] | None:
+        values = {key: optimizer._multiplier(i, table, attribute) for key, i in positions.items()}
+        return {key: value for key, value in values.items() if value != 1.0} or None
+
+    hyperparameters = dict(
+        rescale_grad=optimizer.rescale_grad,
+        clip_gradient=optimizer.clip_gradient,
+        wd=optimizer.wd,
+        lr_mult=multipliers(optimizer.lr_mult, "lr_mult"),
+        wd_mult=multipliers(optimizer.wd_mult, "wd_mult"),
+        lr_scheduler=optimizer.lr_scheduler,
+        begin_num_update=optimizer.num_update,
+        multi_precision=optimizer.multi_precision,
+    )
+    learning_rate = None if optimizer.lr_scheduler is not None else optimizer.lr
+    if isinstance(optimizer, legacy.AdaGrad):
+        return legacy.adagrad(learning_rate, optimizer.float_stable_eps, **hyperparameters)
+    return alias.adagrad(learning_rate, optimizer.epsilon, **hyperparameters)
 
 
 def restore(
@@ -157,33 +235,12 @@ def restore(
         optimizer used it; a Poly or Cosine scheduler first called after its ``max_update``).
       OSError: if a file cannot be read.
     """
-    sources = f"{os.fspath(params_path)!r} and {os.fspath(states_path)!r}"
-    params = load_params(params_path)
-    if not isinstance(params, dict):
-        fail(
-            "restore",
-            "params_path",
-            "a .params file with names (Gluon's save_parameters)",
-            shown(f"{os.fspath(params_path)!r}, a list of {len(params)} unnamed arrays"),
-        )
-    states, info = load_trainer_states(states_path)
-    if info is None:
-        fail(
-            "restore",
-            "states_path",
-            "a trainer.states file that holds the optimizer (Trainer.save_states)",
-            shown(f"{os.fspath(states_path)!r}, which holds the states only"),
-        )
-    names = trainer_order_names(params, trainer_order)
-    indices = pair(states, names, params, trainer_order is not None, sources)
-    positions = {index: position for position, index in enumerate(indices)}
-    optimizer = _optimizer(info, positions, len(names), sources)
+    optimizer, params, states, names = read_checkpoint(params_path, states_path, trainer_order)
     restored = [
         tuple(jnp.asarray(a) for a in state) if isinstance(state, tuple) else jnp.asarray(state)
-        for state in (states[index] for index in indices)
+        for state in states
     ]
-    trained = [names[index] for index in indices]
-    return optimizer, [jnp.asarray(params[name]) for name in trained], restored, trained
+    return optimizer, [jnp.asarray(params[name]) for name in names], restored, names
 
 
 def restore_functional(
@@ -232,40 +289,7 @@ def restore_functional(
         params_path, states_path, trainer_order=trainer_order
     )
     where = "restore_functional"
-    if optimizer.lr_scheduler is not None:
-        counts = {
-            name: optimizer._index_update_count.get(i, optimizer.begin_num_update)
-            for i, name in enumerate(names)
-        }
-        behind = {name: n for name, n in counts.items() if n != optimizer.num_update}
-        if behind:
-            fail(
-                where,
-                "the update count of every parameter",
-                f"the optimizer's num_update ({optimizer.num_update}) when there is an "
-                "lr_scheduler (use restore, which keeps per-parameter counts)",
-                shown(", ".join(f"{name!r}: {n}" for name, n in behind.items())),
-            )
-
-    def multipliers(table: dict[Any, float], attribute: str) -> dict[str, float] | None:
-        values = {name: optimizer._multiplier(i, table, attribute) for i, name in enumerate(names)}
-        return {name: value for name, value in values.items() if value != 1.0} or None
-
-    hyperparameters = dict(
-        rescale_grad=optimizer.rescale_grad,
-        clip_gradient=optimizer.clip_gradient,
-        wd=optimizer.wd,
-        lr_mult=multipliers(optimizer.lr_mult, "lr_mult"),
-        wd_mult=multipliers(optimizer.wd_mult, "wd_mult"),
-        lr_scheduler=optimizer.lr_scheduler,
-        begin_num_update=optimizer.num_update,
-        multi_precision=optimizer.multi_precision,
-    )
-    learning_rate = None if optimizer.lr_scheduler is not None else optimizer.lr
-    if isinstance(optimizer, legacy.AdaGrad):
-        tx = legacy.adagrad(learning_rate, optimizer.float_stable_eps, **hyperparameters)
-    else:
-        tx = alias.adagrad(learning_rate, optimizer.epsilon, **hyperparameters)
+    tx = transformation(where, optimizer, {name: i for i, name in enumerate(names)})
     params = dict(zip(names, weights))
     masters = {name: s[0] if isinstance(s, tuple) else None for name, s in zip(names, states)}
     kept = {
