@@ -94,7 +94,7 @@ def _plan(
                 sources[leaf.path] = (gluon, rule_for(gluon, shape, leaf.name, leaf.value.shape))
             except Refused as refused:
                 problems.append(
-                    f"{entry(gluon, leaf.path, explicit)} must convert to {refused.expected}, "
+                    f"{entry(gluon, leaf.path, explicit)} must {refused.expected}, "
                     f"got {refused.got}"
                 )
     if problems:

@@ -60,7 +60,7 @@ class Rule(NamedTuple):
 
 
 class Refused(Exception):
-    """No rule turns the Gluon array into the target leaf: what was expected, and what was found."""
+    """No rule turns the Gluon array into the target leaf: what it must do, and what was found."""
 
     def __init__(self, expected: str, got: str) -> None:
         super().__init__(expected, got)
@@ -104,7 +104,7 @@ def rule_for(
     if takes is not None and parameter in GLUON_PARAMETERS and parameter not in takes:
         leaves = [leaf for leaf, sources in SOURCES.items() if parameter in sources]
         raise Refused(
-            f"a leaf named {' or '.join(leaves)} (the place of a Gluon {parameter})",
+            f"go to a leaf named {' or '.join(leaves)} (the place of a Gluon {parameter})",
             f"a leaf named {leaf_name}",
         )
     if leaf_name in _KERNELS:
@@ -116,8 +116,8 @@ def rule_for(
             )
         else:
             raise Refused(
-                "a Dense weight (out, in) or a Conv1D/2D/3D weight (O, I, *spatial) for a "
-                f"{leaf_name}",
+                "be a Dense weight (out, in) or a Conv1D/2D/3D weight (O, I, *spatial) to go to "
+                f"a {leaf_name}",
                 f"Gluon shape {shape}",
             )
     elif leaf_name in _EMBEDDINGS:
@@ -125,8 +125,8 @@ def rule_for(
     elif takes is not None:
         if _without_ones(shape) != _without_ones(target_shape):
             raise Refused(
-                f"the target's shape {target_shape} up to dimensions of size 1 (same values, "
-                "reshaped)",
+                f"convert to the target's shape {target_shape} up to dimensions of size 1 (same "
+                "values, reshaped)",
                 f"Gluon shape {shape}",
             )
         return Rule("same values, reshaped", lambda array: array.reshape(target_shape))
@@ -137,7 +137,7 @@ def rule_for(
     if converted != tuple(target_shape):
         became = "" if converted == tuple(shape) else f", which the rule turns into {converted}"
         raise Refused(
-            f"the target's shape {target_shape} after the rule {rule.name}",
+            f"convert to the target's shape {target_shape} after the rule {rule.name}",
             f"Gluon shape {shape}{became}",
         )
     return rule

@@ -77,6 +77,14 @@ def target_leaves(where: str, target: Any) -> list[Leaf]:
     for key_path, value in flat:
         keys = tuple(jax.tree_util.keystr((key,), simple=True) for key in key_path)
         leaf = Leaf("/".join(keys), keys, value)
+        if isinstance(key_path[-1], jax.tree_util.GetAttrKey) and key_path[-1].name == "value":
+            fail(
+                where,
+                "target",
+                "a pytree of arrays (an nnx.State holds Variables: pass "
+                "nnx.state(model).to_pure_dict())",
+                shown(f"a leaf at {leaf.path!r}"),
+            )
         if not (hasattr(value, "shape") and hasattr(value, "dtype")) or not keys:
             fail(
                 where,
