@@ -394,7 +394,7 @@ def test_an_nnx_state_with_variables_is_refused_with_the_fix():
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
     with pytest.raises(
         ValueError,
-        match=r"an nnx\.State holds Variables: pass nnx\.state\(model\)\.to_pure_dict\(\)",
+        match=r"an nnx\.State holds Variables: pass nnx\.to_pure_dict\(nnx\.state\(model\)\)",
     ):
         to_jax({"0.weight": np.ones((3, 2), np.float32)}, nnx.state(model))
 

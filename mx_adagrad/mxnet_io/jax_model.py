@@ -126,14 +126,14 @@ def to_jax(
     (see :mod:`mx_adagrad.mxnet_io.layouts`). Example::
 
         model = nnx.Sequential(nnx.Embed(20, 4, rngs=rngs), flatten, nnx.Linear(12, 3, rngs=rngs))
-        state = to_jax(load_params("net.params"), nnx.state(model).to_pure_dict())
+        state = to_jax(load_params("net.params"), nnx.to_pure_dict(nnx.state(model)))
         nnx.update(model, state)
 
     Args:
       arrays: ``{gluon name: array}``, what :func:`~mx_adagrad.mxnet_io.load_params` returns
         for Gluon's ``save_parameters`` (structural names such as ``"1.weight"``).
       target: a pytree of arrays or ``jax.ShapeDtypeStruct`` s in the JAX model's layout:
-        ``nnx.state(model).to_pure_dict()``, Linen ``variables`` or ``variables["params"]``,
+        ``nnx.to_pure_dict(nnx.state(model))``, Linen ``variables`` or ``variables["params"]``,
         Haiku ``params`` or ``state``; only its structure, shapes, dtypes and shardings are
         used (and the values of ``keep``'s leaves).
       name_map: ``{gluon name: path in target}``, the path joining dict keys, attribute names
@@ -177,7 +177,7 @@ def restore_into(
     ``trainer.load_states(states_path)``, then ``trainer.step``. Here::
 
         tx, params, opt_state = restore_into("net.params", "trainer.states",
-                                             nnx.state(model, nnx.Param).to_pure_dict())
+                                             nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         updates, opt_state = tx.update(grads, opt_state, params)  # grads like params
         params = mx_adagrad.apply_updates(params, updates)
 
@@ -191,7 +191,7 @@ def restore_into(
       params_path: the ``net.save_parameters`` file.
       states_path: the ``trainer.save_states`` file of the same step.
       target: the trainable parameters of the JAX model (arrays or ``jax.ShapeDtypeStruct`` s):
-        ``nnx.state(model, nnx.Param).to_pure_dict()``, Linen ``variables["params"]``, Haiku
+        ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, Linen ``variables["params"]``, Haiku
         ``params``. Every mapped leaf must come from a parameter the Trainer trained (one with
         a state in ``states_path``): load BatchNorm's running statistics with :func:`to_jax`.
       name_map: as in :func:`to_jax`.

@@ -82,7 +82,7 @@ def target_leaves(where: str, target: Any) -> list[Leaf]:
                 where,
                 "target",
                 "a pytree of arrays (an nnx.State holds Variables: pass "
-                "nnx.state(model).to_pure_dict())",
+                "nnx.to_pure_dict(nnx.state(model)))",
                 shown(f"a leaf at {leaf.path!r}"),
             )
         if not (hasattr(value, "shape") and hasattr(value, "dtype")) or not keys:
