@@ -331,3 +331,47 @@ def test_flattening_nhwc_directly_is_the_pitfall():
     model.eval()
     output = model(nhwc(DATA[f"{case}__x_infer"]))
     assert reference.relative_error(output, DATA[f"{case}__out_infer"]) > 0.1
+
+
+@pytest.mark.parametrize("case", ["embed_dense_mx1", "conv_pool_mx1"])
+def test_linen_variables_take_the_checkpoint(case):
+    """Linen: nn.Sequential paired by order (params only), a compact module by name_map."""
+    linen = pytest.importorskip("flax.linen", reason="flax is in the examples extra")
+    arrays = load_params(FIXTURES / f"{case}.params")
+    x = nhwc(DATA[f"{case}__x_infer"])
+    if case.startswith("embed_dense"):
+        model = linen.Sequential(
+            [
+                linen.Embed(20, 4),
+                lambda h: h.reshape(h.shape[0], -1),
+                linen.Dense(8),
+                jnp.tanh,
+                linen.Dense(3),
+            ]
+        )
+        variables = model.init(jax.random.key(0), x)
+        loaded = {"params": to_jax(arrays, variables["params"])}  # layers_0, layers_2, layers_4
+        output = model.apply(loaded, x)
+    else:
+
+        class ConvPool(linen.Module):
+            @linen.compact
+            def __call__(self, h):
+                h = linen.Conv(4, (3, 3), padding="VALID", use_bias=False)(h)
+                h = linen.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5)(h)
+                h = linen.max_pool(jax.nn.relu(h), (2, 2), strides=(2, 2))
+                return linen.Dense(3)(flatten_nchw(h))
+
+        model = ConvPool()
+        variables = model.init(jax.random.key(0), x)
+        name_map = {
+            "0.weight": "params/Conv_0/kernel",
+            "1.gamma": "params/BatchNorm_0/scale",
+            "1.beta": "params/BatchNorm_0/bias",
+            "1.running_mean": "batch_stats/BatchNorm_0/mean",
+            "1.running_var": "batch_stats/BatchNorm_0/var",
+            "5.weight": "params/Dense_0/kernel",
+            "5.bias": "params/Dense_0/bias",
+        }
+        output = model.apply(to_jax(arrays, variables, name_map=name_map), x)
+    within(output, DATA[f"{case}__out_infer"], 1e-5)
