@@ -389,6 +389,14 @@ def test_bad_arguments():
         to_jax(CONV, {"conv": {"kernel": "w"}}, name_map={"0.weight": "conv/kernel"})
 
 
+def test_a_bare_array_is_not_a_target():
+    with pytest.raises(
+        ValueError,
+        match=r"^mx_adagrad\.to_jax: target leaf '' must be an array or a jax\.ShapeDtypeStruct in a pytree of them",
+    ):
+        to_jax(CONV, jnp.ones(3))
+
+
 def test_an_nnx_state_with_variables_is_refused_with_the_fix():
     nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))

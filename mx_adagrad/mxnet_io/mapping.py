@@ -77,7 +77,7 @@ def target_leaves(where: str, target: Any) -> list[Leaf]:
     for key_path, value in flat:
         keys = tuple(jax.tree_util.keystr((key,), simple=True) for key in key_path)
         leaf = Leaf("/".join(keys), keys, value)
-        if isinstance(key_path[-1], jax.tree_util.GetAttrKey) and key_path[-1].name == "value":
+        if keys and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
             fail(
                 where,
                 "target",
