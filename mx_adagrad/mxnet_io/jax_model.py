@@ -21,7 +21,6 @@ import optax
 from mx_adagrad._checks import fail
 from mx_adagrad.mxnet_io.layouts import Refused, Rule, rule_for
 from mx_adagrad.mxnet_io.mapping import (
-    Leaf,
     entry,
     explicit_pairs,
     kept,
@@ -36,9 +35,8 @@ __all__ = ["restore_into", "to_jax"]
 
 
 class _Plan(NamedTuple):
-    """Where every leaf of the target comes from: ``{path: (gluon name, rule)}``, and the rest kept."""
+    """Where every mapped leaf of the target comes from: ``{path: (gluon name, rule)}``."""
 
-    leaves: list[Leaf]
     sources: dict[str, tuple[str, Rule]]
 
     def fill(self, fetch: Any, like: chex.ArrayTree) -> chex.ArrayTree:
@@ -99,7 +97,7 @@ def _plan(
                 )
     if problems:
         raise ValueError(f"mx_adagrad.{where}: " + "; ".join(problems))
-    return _Plan(leaves, sources)
+    return _Plan(sources)
 
 
 def to_jax(
