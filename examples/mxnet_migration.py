@@ -29,6 +29,16 @@ conv bias) has a true gradient of zero, as BatchNorm follows it: both frameworks
 noise of about 1e-6 there, which AdaGrad's normalisation turns into steps of about 1e-4, so with
 gradients computed in JAX that one parameter differs from MXNet by noise.
 
+The script ends with a model that was never an MXNet net: a Flax NNX ``ConvPoolNet`` (NHWC, named
+``conv``, ``bn``, ``head``) takes the Gluon checkpoint ``tests/fixtures/gluon_migration/conv_pool_mx1``
+(``Sequential(Conv2D(4, 3, use_bias=False), BatchNorm(), Activation('relu'), MaxPool2D(2),
+Flatten(), Dense(3))``, trained by MXNet 1.9.1's Trainer) with ``mxnet_io.restore_into``: its
+weights and AdaGrad histories in the model's own layout (Dense ``(out, in)`` -> kernel ``(in,
+out)``, Conv ``OIHW`` -> ``HWIO``, ``gamma``/``beta`` -> ``scale``/``bias``; BatchNorm's running
+statistics with ``mxnet_io.to_jax``). Its forward pass on the recorded batch, in NHWC, gives
+MXNet's output; then ``nnx.Optimizer`` continues the training from the restored state for the 3
+steps MXNet recorded, and the weights and histories follow MXNet's.
+
 Run: ``.venv/bin/python examples/mxnet_migration.py``
 """
 
@@ -42,11 +52,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 import mx_adagrad
 from mx_adagrad import mxnet_io
 
-CHECKPOINT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gluon_convbn"
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+CHECKPOINT = FIXTURES / "gluon_convbn"
+MIGRATION = FIXTURES / "gluon_migration"
 BN_EPSILON, BN_MOMENTUM = 1e-5, 0.9  # Gluon BatchNorm's defaults
 RUNNING = ("1.running_mean", "1.running_var")
 
@@ -152,6 +166,127 @@ def functional(
     return run
 
 
+# --------------------------------------------------------------------------------------------
+# A Flax NNX model that was never an MXNet net
+
+
+class ConvPoolNet(nnx.Module):
+    """The Gluon net of ``gluon_migration/conv_pool_mx1``, written for Flax: NHWC, named layers."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv = nnx.Conv(2, 4, (3, 3), padding="VALID", use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        self.head = nnx.Linear(36, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.max_pool(nnx.relu(self.bn(self.conv(x))), (2, 2), strides=(2, 2))
+        # Gluon's Flatten reads NCHW as (C, H, W); an NHWC flatten would feed the Dense layer
+        # the same numbers in another order. Put the channels first, then flatten.
+        x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+        return self.head(x)
+
+
+# Gluon structural name -> path in the model's state: the layers are named, not numbered, so the
+# pairing is given (Gluon's blocks 2, 3 and 4, relu, pooling and flatten, have no parameters).
+PARAMETERS = {
+    "0.weight": "conv/kernel",
+    "1.gamma": "bn/scale",
+    "1.beta": "bn/bias",
+    "5.weight": "head/kernel",
+    "5.bias": "head/bias",
+}
+STATISTICS = {"1.running_mean": "bn/mean", "1.running_var": "bn/var"}
+
+
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Gluon's ``SoftmaxCrossEntropyLoss`` per sample, summed (what ``loss.backward()`` sees)."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).sum()
+
+
+@nnx.jit(donate_argnames=("model", "optimizer"))
+def train_step(model: ConvPoolNet, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array) -> None:
+    grads = nnx.grad(lambda model: cross_entropy_sum(model(x), y))(model)
+    optimizer.update(model, grads)
+
+
+def load_optimizer_state(optimizer: nnx.Optimizer, opt_state: optax.OptState) -> None:
+    """Puts a restored optax state into an ``nnx.Optimizer`` built with the same transformation.
+
+    Both states have the same leaves in the same order (the parameters' paths, sorted); only
+    their containers differ (``nnx.Optimizer`` wraps each leaf in a Variable).
+    """
+    variables = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    values = jax.tree.leaves(opt_state)
+    shapes = [v.shape for v in variables], [v.shape for v in values]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"the optimizer's state has shapes {shapes[0]}, the restored {shapes[1]}")
+    for variable, value in zip(variables, values):
+        variable.set_value(value)
+
+
+def flax_model(case: str = "conv_pool_mx1") -> dict[str, float]:
+    """Loads a Gluon checkpoint into :class:`ConvPoolNet` and continues its training.
+
+    Returns the largest relative differences to MXNet: ``nnx/forward`` (the inference output on
+    the recorded batch), ``nnx/weights`` and ``nnx/history`` (after each of the 3 steps, in the
+    model's layout).
+    """
+    data = np.load(MIGRATION / "steps.npz", allow_pickle=False)
+    config = json.loads(str(data["config_json"]))["cases"][case]
+    model = ConvPoolNet(nnx.Rngs(0))
+    params_path, states_path = MIGRATION / f"{case}.params", MIGRATION / f"{case}.states"
+
+    # The trainable parameters and their AdaGrad state, in the model's layout...
+    tx, params, opt_state = mxnet_io.restore_into(
+        params_path,
+        states_path,
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        name_map=PARAMETERS,
+        trainer_order=config["trainer_order"],  # Trainer index order (batchnorm0_* first)
+    )
+    # ... and BatchNorm's running statistics, which the optimizer does not train.
+    statistics = mxnet_io.to_jax(
+        mxnet_io.load_params(params_path),
+        nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+        name_map=STATISTICS,
+    )
+    nnx.update(model, params, statistics)
+
+    model.eval()  # BatchNorm normalises with the running statistics, as Gluon outside training
+    x_infer = jnp.asarray(data[f"{case}__x_infer"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    results = {"nnx/forward": relative(model(x_infer), data[f"{case}__out_infer"])}
+
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    load_optimizer_state(optimizer, opt_state)
+    model.train()
+    target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    results["nnx/weights"] = results["nnx/history"] = 0.0
+    for step in range(data[f"{case}__y"].shape[0]):
+        x = jnp.asarray(data[f"{case}__x"][step].transpose(0, 2, 3, 1))
+        train_step(model, optimizer, x, jnp.asarray(data[f"{case}__y"][step]))
+        # MXNet's weights and histories after this step, in the model's layout, to compare.
+        mxnet = {
+            kind: mxnet_io.to_jax(
+                {name: data[f"{case}__{kind}__{name}"][step + 1] for name in PARAMETERS},
+                target,
+                name_map=PARAMETERS,
+            )
+            for kind in ("weights", "history")
+        }
+        weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        history = nnx.to_pure_dict(optax.tree.get(optimizer.opt_state, "history"))
+        for key, got in (("weights", weights), ("history", history)):
+            differences = jax.tree.leaves(jax.tree.map(relative, got, mxnet[key]))
+            results[f"nnx/{key}"] = max(results[f"nnx/{key}"], *differences)
+    return results
+
+
+def relative(got: jax.Array, want: np.ndarray) -> float:
+    """``max|got - want| / max|want|``."""
+    want = np.asarray(want, np.float64)
+    return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Continues the checkpoint for the recorded steps; returns the largest differences to MXNet.
 
@@ -161,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ``jax/optimizer`` and ``jax/functional``: the weights, conv bias left out, with gradients from
     :func:`loss_fn`; ``jax/conv_bias``: the conv bias (noise, see the module docstring);
     ``jax/gradients``: the JAX gradients against MXNet's, conv bias left out; ``jax/running``:
-    BatchNorm's running statistics (they follow the conv bias, so they carry its noise too).
+    BatchNorm's running statistics (they follow the conv bias, so they carry its noise too);
+    ``nnx/forward``, ``nnx/weights``, ``nnx/history``: the Flax NNX model (:func:`flax_model`).
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=pathlib.Path, default=CHECKPOINT)
@@ -203,7 +339,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
         results["jax/running"] = max(relative_difference(r, m) for r, m in zip(run.running, mxnet))
 
+    results.update(flax_model())
+
     print(f"resumed {args.checkpoint} after {done} MXNet steps, continued {count} in JAX")
+    print("and loaded gluon_migration/conv_pool_mx1 into a Flax NNX model, continued 3 steps")
     print("largest relative difference to MXNet (max|jax - mxnet| / max|mxnet|):")
     for key, value in results.items():
         print(f"  {key:<20} {value:.2e}")
