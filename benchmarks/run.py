@@ -127,18 +127,24 @@ def unravel_contender(fp: flat.FlatParams) -> Callable[[], None]:
 
 
 def torch_contenders(
-    shapes, dtype: str, modes=("foreach", "fused")
+    shapes, dtype: str, modes=("foreach", "fused"), device: str = "cpu"
 ) -> dict[str, Callable[[], None]]:
     """``torch.optim.Adagrad`` in each of ``modes`` on the same shapes; empty without torch."""
     if torch is None:
         return {}
     contenders = {}
     for mode in modes:
-        params = [torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes]
+        params = [torch.ones(s, dtype=getattr(torch, dtype), device=device) for s in shapes]
         for p in params:
             p.grad = torch.full_like(p, 0.5)
         optimizer = torch.optim.Adagrad(params, lr=LR, weight_decay=WD, eps=EPS, **{mode: True})
-        contenders[f"torch.optim.Adagrad({mode}=True)"] = optimizer.step
+
+        def run(optimizer=optimizer):
+            optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        contenders[f"torch.optim.Adagrad({mode}=True)"] = run
     return contenders
 
 

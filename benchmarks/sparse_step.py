@@ -115,16 +115,20 @@ def jax_steps(tx, rows: int, pool):
     return runner, compiled.memory_analysis()
 
 
-def torch_steps(rows: int, pool):
+def torch_steps(rows: int, pool, device: str = "cpu"):
     """torch.optim.Adagrad on a sparse COO gradient, and the nn.Embedding(sparse=True) step."""
-    embedding = torch.nn.Embedding(rows, DIM, sparse=True)
+    embedding = torch.nn.Embedding(rows, DIM, sparse=True, device=device)
     torch.nn.init.zeros_(embedding.weight)
     optimizer = torch.optim.Adagrad(embedding.parameters(), lr=LR)
-    torch_pool = [(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(v)) for ids, v in pool]
+    torch_pool = [
+        (torch.from_numpy(ids.astype(np.int64)).to(device), torch.from_numpy(v).to(device))
+        for ids, v in pool
+    ]
     coo = [
         torch.sparse_coo_tensor(ids[None], values, (rows, DIM), check_invariants=False)
         for ids, values in torch_pool
     ]
+    done = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     def optimizer_step():
         next_grad = cycle(coo)
@@ -132,6 +136,7 @@ def torch_steps(rows: int, pool):
         def run():
             embedding.weight.grad = next_grad()
             optimizer.step()
+            done()
 
         return run
 
@@ -143,6 +148,7 @@ def torch_steps(rows: int, pool):
             optimizer.zero_grad(set_to_none=True)
             (torch.tanh(embedding(ids)) * values).sum().backward()
             optimizer.step()
+            done()
 
         return run
 
@@ -169,8 +175,8 @@ def floor_ms(pool, gbps: float) -> float:
     return float(np.median(bytes_)) / (gbps * 1e9) * 1e3
 
 
-def contenders(sizes: dict[str, int]):
-    """name -> run, and what the figures are compared with."""
+def contenders(sizes: dict[str, int], device: str = "cpu"):
+    """name -> run (torch on ``device``), and the compiled step's memory per table size."""
     runs, memory = {}, {}
     adagrad, rowwise = mx_adagrad.adagrad(LR), mx_adagrad.rowwise_adagrad(LR)
     for label, rows in sizes.items():
@@ -184,16 +190,23 @@ def contenders(sizes: dict[str, int]):
                 rowwise, rows, pool
             )[0]("sparse")
         if torch is not None and rows <= 2_000_000:
-            optimizer_run, train_run = torch_steps(rows, pool)
+            optimizer_run, train_run = torch_steps(rows, pool, device)
             runs[f"optimizer step: torch Adagrad, sparse COO grad, {label}"] = optimizer_run
             runs[f"train step: torch nn.Embedding(sparse=True) + Adagrad, {label}"] = train_run
     return runs, memory
 
 
-def measure(count: int, block: int, sizes: dict[str, int] = SIZES) -> dict:
-    """Runs every contender; returns the summary (also used by ``benchmarks/run.py``)."""
-    runs, memory = contenders(sizes)
-    gbps = streaming_gbps()
+def measure(
+    count: int,
+    block: int,
+    sizes: dict[str, int] = SIZES,
+    device: str = "cpu",
+    gbps: float | None = None,
+) -> dict:
+    """Runs every contender; returns the summary (also used by ``benchmarks/gpu.py``, which
+    passes torch's ``device`` and the GPU's copy bandwidth ``gbps``)."""
+    runs, memory = contenders(sizes, device)
+    gbps = streaming_gbps() if gbps is None else gbps
     results = timing.rounds(runs, count, block)
     stats = timing.summarize(results, None)
     floors = {label: floor_ms(batches(rows), gbps) for label, rows in sizes.items()}
@@ -241,7 +254,7 @@ def measure(count: int, block: int, sizes: dict[str, int] = SIZES) -> dict:
 
 
 def print_report(summary: dict) -> None:
-    print(f"streaming bandwidth: {summary['streaming_gbps']:.1f} GB/s (read + write)\n")
+    print(f"copy bandwidth: {summary['streaming_gbps']:.1f} GB/s (read + write)\n")
     print("| step (8,192 Zipf lookups x 64, float32) | ms / step | p10-p90 ms | floor ms |")
     print("|---|---|---|---|")
     for name, s in summary["stats"].items():
