@@ -260,7 +260,7 @@ def print_report(summary: dict) -> None:
     for name, s in summary["stats"].items():
         label = name.rsplit(", ", 1)[-1]
         floor = summary["floor_ms"].get(label) if "mx_adagrad RowSparse" in name else None
-        floor_text = f"{floor:.2f}" if floor is not None else ""
+        floor_text = f"{floor:.3g}" if floor is not None else ""
         print(
             f"| {name} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "
             f"{floor_text} |"

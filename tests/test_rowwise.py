@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import pytest
 
 import mx_adagrad
 from tests import reference
+from tests.test_sparse import train
 
 STEPS = 12
 SHAPES = [(7, 5), (4, 3, 2), (6,), ()]
@@ -28,22 +27,6 @@ def problem(shape, seed=0, steps=STEPS):
     rng = np.random.default_rng(seed)
     weight = rng.normal(size=shape).astype(np.float32)
     return weight, [rng.normal(size=shape).astype(np.float32) for _ in range(steps)]
-
-
-def make_step(tx):
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return mx_adagrad.apply_updates(params, updates), state
-
-    return step
-
-
-def train(tx, params, grads):
-    state, step = tx.init(params), make_step(tx)
-    for grad in grads:
-        params, state = step(params, state, grad)
-    return params, state
 
 
 def reference_run(weight, grads, *, lr, initial=0.0, **hyper):

@@ -86,35 +86,28 @@ ffi::Error Gather(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::Result<ffi::Any
   });
 }
 
-ffi::Error Scatter(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::AnyBuffer rows,
-                   ffi::Result<ffi::AnyBuffer> out) {
+// kAdd: table[ids[k]] += rows[k] (float32); else table[ids[k]] = rows[k] (any dtype).
+template <bool kAdd>
+ffi::Error ScatterRows(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::AnyBuffer rows,
+                       ffi::Result<ffi::AnyBuffer> out) {
   const int64_t n = static_cast<int64_t>(ids.element_count());
   Rows shape;
-  if (ids.dimensions().size() != 1 || !TableRows(table, rows, n, &shape)) {
+  if (ids.dimensions().size() != 1 || (kAdd && table.element_type() != ffi::DataType::F32) ||
+      !TableRows(table, rows, n, &shape)) {
     return ffi::Error::InvalidArgument("mx_adagrad: scatter got mismatched shapes");
   }
   char* dst = InPlace(table, out);
   const char* src = static_cast<const char*>(rows.untyped_data());
   return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
-    std::memcpy(dst + id * shape.bytes, src + k * shape.bytes, shape.bytes);
-  });
-}
-
-ffi::Error ScatterAddF32(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::AnyBuffer rows,
-                         ffi::Result<ffi::AnyBuffer> out) {
-  const int64_t n = static_cast<int64_t>(ids.element_count());
-  Rows shape;
-  if (ids.dimensions().size() != 1 || table.element_type() != ffi::DataType::F32 ||
-      !TableRows(table, rows, n, &shape)) {
-    return ffi::Error::InvalidArgument("mx_adagrad: scatter_add got mismatched shapes");
-  }
-  float* dst = reinterpret_cast<float*>(InPlace(table, out));
-  const float* src = static_cast<const float*>(rows.untyped_data());
-  const int64_t width = shape.bytes / static_cast<int64_t>(sizeof(float));
-  return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
-    float* __restrict to = dst + id * width;
-    const float* __restrict from = src + k * width;
-    for (int64_t e = 0; e < width; ++e) to[e] += from[e];
+    if constexpr (kAdd) {
+      float* __restrict to = reinterpret_cast<float*>(dst + id * shape.bytes);
+      const float* __restrict from = reinterpret_cast<const float*>(src + k * shape.bytes);
+      for (int64_t e = 0; e < shape.bytes / static_cast<int64_t>(sizeof(float)); ++e) {
+        to[e] += from[e];
+      }
+    } else {
+      std::memcpy(dst + id * shape.bytes, src + k * shape.bytes, shape.bytes);
+    }
   });
 }
 
@@ -126,16 +119,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradGatherRows, Gather,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradScatterRows, Scatter,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+#define MX_ADAGRAD_SCATTER_HANDLER(NAME, ADD)                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, ScatterRows<ADD>,        \
+                                ffi::Ffi::Bind()               \
+                                    .Arg<ffi::AnyBuffer>()     \
+                                    .Arg<ffi::AnyBuffer>()     \
+                                    .Arg<ffi::AnyBuffer>()     \
+                                    .Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradScatterAddRowsF32, ScatterAddF32,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+MX_ADAGRAD_SCATTER_HANDLER(MxAdagradScatterRows, false)
+MX_ADAGRAD_SCATTER_HANDLER(MxAdagradScatterAddRowsF32, true)
