@@ -163,11 +163,11 @@ def fused_adagrad(
         # As scale_by_schedule and add_decayed_weights resolve them (same trees, same order).
         lr_mults = multipliers.resolve("scale_by_schedule", "lr_mult", lr_mult, history)
         wd_mults = multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, working)
-        # One (param, grad, history, master, lr_mult, wd_mult) per leaf.
+        # One (param, grad, history, master, lr_mult, wd_mult) per leaf; a RowSparse is one leaf.
         leaves = list(
             zip(
                 *(
-                    jax.tree.leaves(tree, is_leaf=_none)
+                    jax.tree.leaves(tree, is_leaf=_none_or_row_sparse)
                     for tree in (params, grads, history, master, lr_mults, wd_mults)
                 )
             )
@@ -368,6 +368,10 @@ def _coefficients(
 
 def _none(x: Any) -> bool:
     return x is None
+
+
+def _none_or_row_sparse(x: Any) -> bool:
+    return x is None or _checks.is_row_sparse(x)
 
 
 def _eligible(param: Any, grad: Any, history: Any, master: Any) -> bool:

@@ -115,6 +115,30 @@ def test_leaves_the_kernel_does_not_take_use_the_xla_path():
         params, state = expected
 
 
+def test_a_row_sparse_gradient_does_not_shift_the_leaves_after_it():
+    """A RowSparse gradient is one leaf of the gradient tree, not two (indices, values): the dense
+    leaves after it meet their own gradients in the kernel (here "c" would take "b"'s)."""
+    rng = np.random.default_rng(1)
+    params = {
+        name: jnp.asarray(rng.normal(size=s), jnp.float32)
+        for name, s in [("a", (10, 3)), ("b", (3,)), ("c", (3,))]
+    }
+    grads = {
+        "a": mx_adagrad.RowSparse(
+            jnp.array([1, 4, 1]), jnp.asarray(rng.normal(size=(3, 3)), jnp.float32), (10, 3)
+        ),
+        "b": jnp.asarray(rng.normal(size=3), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=3), jnp.float32),
+    }
+    opt = flat.fused_adagrad(0.1)
+    state = opt.init(params)
+    step = jax.jit(opt.step)
+    assert_bitwise(step(params, grads, state), reference_step(opt.tx)(params, grads, state))
+    if _native.load():  # the dense leaves still take the kernel
+        compiled = step.lower(params, grads, state).compile()
+        assert eight_devices.native_calls(compiled) == ["mx_adagrad_step_f32"]
+
+
 def test_state_is_interchangeable_with_the_transformation():
     """Steps may alternate between opt.step and opt.tx.update + apply_updates."""
     opt = flat.fused_adagrad(0.1, wd=0.01, multi_precision=True)
