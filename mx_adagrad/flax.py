@@ -51,8 +51,8 @@ from mx_adagrad.updates import apply_updates
 def _transformation(where: str, tx: Any) -> tuple[optax.GradientTransformation, Callable | None]:
     """``(transformation, one-pass step or None)`` for what a user passed as ``tx``."""
     fused = flat.one_pass(tx)
-    if fused is not None:
-        return fused.tx, fused.step
+    if isinstance(tx, flat.FusedAdaGrad):
+        return tx.tx, tx.step
     if not isinstance(tx, optax.GradientTransformation):
         _checks.fail(
             where,
@@ -60,7 +60,7 @@ def _transformation(where: str, tx: Any) -> tuple[optax.GradientTransformation, 
             "an optax.GradientTransformation or what mx_adagrad.flat.fused_adagrad returns",
             tx,
         )
-    return tx, None
+    return tx, None if fused is None else fused.step
 
 
 class Optimizer(nnx.Optimizer):
