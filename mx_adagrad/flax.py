@@ -110,7 +110,10 @@ class Optimizer(nnx.Optimizer):
         Args:
           model: the module this optimizer was built for.
           grads: the gradients, as ``nnx.grad`` or :func:`value_and_grad` return them (dense
-            arrays and RowSparse leaves).
+            arrays and RowSparse leaves), or their pure form ``nnx.as_pure(grads)`` (a State
+            of arrays shaped like the ``wrt`` variables). Pass the pure form into an
+            ``nnx.jit`` step that does not compute them: ``nnx.jit`` copies an undonated
+            argument that holds Variables back out on every call.
           **kwargs: extra arguments of ``tx.update`` (``optax.GradientTransformationExtraArgs``);
             not accepted by the one-pass step.
 
@@ -123,7 +126,9 @@ class Optimizer(nnx.Optimizer):
                 "flax.Optimizer.update", "kwargs", "empty with a one-pass tx", sorted(kwargs)
             )
         params = nnx.as_pure(nnx.state(model, self.wrt, graph=self.graph))
-        grads = nnx.as_pure(nnx.state(grads, self.wrt, graph=self.graph))
+        if _holds_variables(grads):
+            grads = nnx.state(grads, self.wrt, graph=self.graph)
+        grads = nnx.as_pure(grads)
         opt_state = nnx.as_pure(self.opt_state)
         updates, new_opt_state = self.tx.update(grads, opt_state, params, **nnx.as_pure(kwargs))
         if self.one_pass is None:
@@ -134,6 +139,13 @@ class Optimizer(nnx.Optimizer):
         nnx.update(self.opt_state, nnx.state(new_opt_state, graph=self.graph))
         self.step[...] += 1
         return updates
+
+
+def _holds_variables(tree: Any) -> bool:
+    def is_variable(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    return any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable))
 
 
 class Embed(nnx.Embed):

@@ -38,7 +38,14 @@ from jax.sharding import PartitionSpec as P
 import mx_adagrad
 from mx_adagrad import _native, flat, lr_scheduler
 from tests import eight_devices
-from tests.test_frameworks import HYPER, SIZES, assert_matches_reference, cross_entropy, make_data
+from tests.test_frameworks import (
+    HYPER,
+    SIZES,
+    assert_matches_reference,
+    cross_entropy,
+    load_example,
+    make_data,
+)
 
 nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
 mxf = pytest.importorskip("mx_adagrad.flax", reason="flax is in the examples extra")
@@ -204,6 +211,19 @@ def test_one_pass_step_under_nnx_jit_is_the_native_kernel_in_place():
     # Donated: weights and histories are written where they are; what remains is the MLP's own
     # forward and backward scratch (activations of 16 x 8), far below one parameter copy.
     assert compiled.memory_analysis().temp_size_in_bytes < 4096
+
+
+def test_optimizer_takes_pure_gradients():
+    """``nnx.as_pure(grads)`` (arrays, no Variables) is the same update as ``grads``."""
+    model, reference = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
+    fused = flat.fused_adagrad(0.1, wd=0.01)
+    optimizer, reference_optimizer = mxf.Optimizer(model, fused), mxf.Optimizer(reference, fused)
+    for x, y in batches(2):
+        grads = nnx.grad(mlp_loss)(model, x, y)
+        optimizer.update(model, nnx.as_pure(grads))
+        reference_optimizer.update(reference, nnx.grad(mlp_loss)(reference, x, y))
+    assert_bitwise(leaves(model), leaves(reference))
+    assert_bitwise(leaves(optimizer), leaves(reference_optimizer))
 
 
 def test_optimizer_checks_its_arguments():
@@ -520,6 +540,35 @@ def test_train_state_takes_row_sparse_gradients(kind):
 def test_train_state_checks_its_tx():
     with pytest.raises(ValueError, match=r"flax\.TrainState\.create: tx must be"):
         mxf.TrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=None)
+
+
+# examples/flax_embedding.py
+
+EXAMPLE_FLAGS = ["--steps", "150", "--dim", "32", "--batch-size", "64", "--vocab-size", "2000"]
+
+
+@pytest.fixture(scope="module")
+def embedding_example() -> dict:
+    return load_example("flax_embedding").main(EXAMPLE_FLAGS)
+
+
+def test_embedding_example_learns_and_reports_both_paths(embedding_example):
+    losses = embedding_example["losses"]
+    assert len(losses["sparse"]) == 150 and np.all(np.isfinite(losses["sparse"]))
+    assert losses["sparse"][-20:].mean() < 0.9 * losses["sparse"][:20].mean()
+    # As in tests/test_sparse_example.py: the paths sum a word's duplicate rows in another order
+    # (segment-sum after sorting against the dense scatter-add), so the losses differ in their
+    # last bits (about 1e-6 relative); rtol=1e-4 still fails on any update to an untouched row.
+    np.testing.assert_allclose(losses["sparse"], losses["dense"], rtol=1e-4)
+    speeds = embedding_example["steps_per_second"]
+    assert set(speeds) == {"sparse", "dense"} and all(s > 0 for s in speeds.values())
+
+
+def test_embedding_example_sparse_run_is_the_plain_jax_example_bitwise(embedding_example):
+    """The NNX model trained through mx_adagrad.flax equals examples/sparse_embedding.py's
+    plain-JAX RowSparse run (value_and_row_grad + tx.update + apply_updates) on the same data."""
+    plain = load_example("sparse_embedding").main(EXAMPLE_FLAGS)
+    assert_bitwise(embedding_example["losses"]["sparse"], plain["losses"]["sparse"])
 
 
 # On 8 CPU devices (the child process).
