@@ -229,7 +229,8 @@ def main() -> None:
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
     record = {
-        "machine": f"{platform.machine()} {platform.processor()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_at_start": os.getloadavg(),
         "jax": jax.__version__,
         "flax": __import__("flax").__version__,
         "torch": None if torch is None else torch.__version__,
@@ -276,6 +277,8 @@ def main() -> None:
     for name, ratio in ratios.items():
         print(f"| {name} | {show(ratio)} |")
 
+    record["load_average_at_end"] = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min): {record['load_average_at_end']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {args.json}")

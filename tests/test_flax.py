@@ -39,6 +39,7 @@ import mx_adagrad
 from mx_adagrad import _native, flat, lr_scheduler
 from tests import eight_devices
 from tests.test_frameworks import (
+    EXAMPLES,
     HYPER,
     SIZES,
     assert_matches_reference,
@@ -569,6 +570,16 @@ def test_embedding_example_sparse_run_is_the_plain_jax_example_bitwise(embedding
     plain-JAX RowSparse run (value_and_row_grad + tx.update + apply_updates) on the same data."""
     plain = load_example("sparse_embedding").main(EXAMPLE_FLAGS)
     assert_bitwise(embedding_example["losses"]["sparse"], plain["losses"]["sparse"])
+
+
+def test_flax_step_benchmark_contenders_run():
+    """benchmarks/flax_step.py's sparse contenders, on a small table: each form runs a step."""
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    import flax_step
+
+    for form in ("nnx.jit", "cached_partial", "tree mode", "dense"):
+        flax_step.nnx_sparse_contender(1000, form)()
+    flax_step.plain_sparse_contender(1000)()
 
 
 # On 8 CPU devices (the child process).
