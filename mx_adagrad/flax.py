@@ -224,9 +224,9 @@ class _Tape:
 
     indices: dict[int, int]
     trace: Any
+    lookups: list[list[Any]]
     tables: list[jax.Array] | None = None
     slots: list[list[jax.Array]] | None = None
-    lookups: list[list[Any]] = dataclasses.field(default_factory=list)
 
     def look_up(
         self, index: int, table: nnx.Param, ids: jax.Array, take: Callable[..., jax.Array]
@@ -256,10 +256,10 @@ _TAPE: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def _recording(tape: _Tape) -> Iterator[_Tape]:
+def _recording(tape: _Tape) -> Iterator[None]:
     token = _TAPE.set(tape)
     try:
-        yield tape
+        yield
     finally:
         _TAPE.reset(token)
 
@@ -300,8 +300,8 @@ def _probe(
             lookup_tables.append(found[path].embedding.get_value())
             found[path].embedding.set_value(guards[k])
             indices[id(found[path])] = k
-        tape = _Tape(indices, jax.extend.core.get_opaque_trace_state(), tables=lookup_tables)
-        tape.lookups = [[] for _ in paths]
+        trace = jax.extend.core.get_opaque_trace_state()
+        tape = _Tape(indices, trace, [[] for _ in paths], tables=lookup_tables)
         tapes.append(tape)
         with _recording(tape):
             out = f(*inner)
@@ -387,8 +387,8 @@ def value_and_grad(
             *inner, slots = inner_and_slots
             found = dict(_embeds(inner, positions))
             indices = {id(found[paths[k]]): j for j, k in enumerate(used)}
-            tape = _Tape(indices, jax.extend.core.get_opaque_trace_state(), slots=slots)
-            tape.lookups = [[] for _ in used]
+            trace = jax.extend.core.get_opaque_trace_state()
+            tape = _Tape(indices, trace, [[] for _ in used], slots=slots)
             with _recording(tape):
                 out = f(*inner)
             loss, aux = out if has_aux else (out, None)
