@@ -18,7 +18,8 @@ Zipf-distributed lookups (fresh ids each step from a pool of 16 batches, duplica
 (``nnx.set_graph_mode(False)``), against the plain-JAX RowSparse step
 (``mx_adagrad.value_and_row_grad`` + ``tx.update`` + ``mx_adagrad.apply_updates`` under ``jax.jit``,
 donated) and, for scale, the dense NNX step (``nnx.value_and_grad`` + ``nnx.Optimizer``) on the
-250k table. Ratios: NNX / plain JAX at each size, and NNX 2M / NNX 250k.
+250k table, and an ``nnx.jit`` call that computes nothing on the 2M step's arguments (what NNX's
+own per-call work costs). Ratios: NNX / plain JAX at each size, and NNX 2M / NNX 250k.
 
 Timing: ``benchmarks/timing.py`` (interleaved rounds, each contender a pause, one untimed call and
 5 timed calls; ratios paired within each round, then their median and p10-p90 over rounds).
@@ -142,7 +143,8 @@ class Stream:
 
 def nnx_sparse_contender(rows: int, form: str) -> Callable[[], None]:
     """``value_and_grad`` + ``Optimizer`` in one of the NNX forms: "nnx.jit", "cached_partial",
-    "tree mode"; or "dense": ``nnx.value_and_grad`` + ``nnx.Optimizer`` on an ``nnx.Embed``."""
+    "tree mode"; "dense": ``nnx.value_and_grad`` + ``nnx.Optimizer`` on an ``nnx.Embed``; or
+    "no-op": an ``nnx.jit`` call on the same arguments that computes nothing (NNX's own cost)."""
     tx = mx_adagrad.adagrad(LR)
     graph = form != "tree mode"
     with nnx.set_graph_mode(graph):
@@ -157,6 +159,8 @@ def nnx_sparse_contender(rows: int, form: str) -> Callable[[], None]:
 
         @nnx.jit(donate_argnames=("model", "optimizer"), graph=graph)
         def step(model, optimizer, ids, labels):
+            if form == "no-op":
+                return labels[0]
             loss, grads = grad_fn(nnx_loss)(model, ids, labels)
             optimizer.update(model, grads)
             return loss
@@ -203,6 +207,9 @@ def sparse_contenders() -> dict[str, Callable[[], None]]:
         contenders[f"plain JAX RowSparse, {rows:,} rows"] = plain_sparse_contender(rows)
     contenders[f"NNX dense (nnx.Optimizer), {SIZES[0]:,} rows"] = nnx_sparse_contender(
         SIZES[0], "dense"
+    )
+    contenders[f"nnx.jit no-op on the NNX sparse step's arguments, {SIZES[1]:,} rows"] = (
+        nnx_sparse_contender(SIZES[1], "no-op")
     )
     return contenders
 

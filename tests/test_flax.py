@@ -583,7 +583,7 @@ def test_flax_step_benchmark_contenders_run():
     sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
     import flax_step
 
-    for form in ("nnx.jit", "cached_partial", "tree mode", "dense"):
+    for form in ("nnx.jit", "cached_partial", "tree mode", "dense", "no-op"):
         flax_step.nnx_sparse_contender(1000, form)()
     flax_step.plain_sparse_contender(1000)()
 
