@@ -1,11 +1,13 @@
-"""Flax NNX: an MLP trained on scikit-learn's handwritten digits with mx_adagrad.adagrad.
+"""Flax NNX: an MLP trained on scikit-learn's handwritten digits with MXNet's AdaGrad.
 
     python examples/flax_digits.py --steps 600 --learning-rate 0.1 --batch-size 64 \
         --out examples/out/flax_digits.png
 
 The 8x8 digit images (1797 of them, bundled with scikit-learn: no download) are split 75/25 into
 train and test sets, stratified by class. The model trains on shuffled minibatches with
-``nnx.Optimizer(model, mx_adagrad.adagrad(...), wrt=nnx.Param)``; as Gluon's
+``mx_adagrad.flax.Optimizer(model, mx_adagrad.flat.fused_adagrad(...))``: ``nnx.Optimizer``'s
+interface with the one-pass AdaGrad step (on CPU, one native call updates every float32
+parameter and its history in place; elsewhere XLA runs the same arithmetic, bitwise). As Gluon's
 ``trainer.step(batch_size)`` does, the loss is summed over the batch and the optimizer rescales the
 gradient by ``1 / batch_size``. The script prints the test accuracy and writes the loss and accuracy
 curves to ``--out`` as a PNG.
@@ -25,6 +27,7 @@ from flax import nnx
 from tqdm import trange
 
 import mx_adagrad
+import mx_adagrad.flax
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "out" / "flax_digits.png"
 
@@ -41,14 +44,16 @@ class MLP(nnx.Module):
 
 
 @nnx.jit(donate_argnames=("model", "optimizer"))  # update params and optimizer state in place
-def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array) -> jax.Array:
+def train_step(
+    model: MLP, optimizer: mx_adagrad.flax.Optimizer, x: jax.Array, y: jax.Array
+) -> jax.Array:
     """One optimizer step on a batch; returns the batch's mean loss."""
 
     def loss_fn(model: MLP) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).sum()
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)  # tx.update(grads, state, params), then apply the updates
+    optimizer.update(model, grads)  # one pass: update and apply, in place
     return loss / x.shape[0]
 
 
@@ -82,10 +87,10 @@ def train(
         raise ValueError(f"steps must be >= 1, got {steps}")
     data = load_data(seed)
     model = MLP(nnx.Rngs(seed))
-    tx = mx_adagrad.adagrad(
+    tx = mx_adagrad.flat.fused_adagrad(
         learning_rate, wd=1e-4, rescale_grad=1.0 / batch_size, clip_gradient=5.0
     )
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = mx_adagrad.flax.Optimizer(model, tx)  # wrt=nnx.Param
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     eval_every = eval_every or max(1, steps // 30)
 
@@ -107,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> float:
     args = parse_args(__doc__.splitlines()[0], DEFAULT_OUT, argv)
 
     history = train(args.steps, args.learning_rate, args.seed, args.batch_size)
-    plot(history, args.out, f"Flax NNX MLP on digits, mx_adagrad.adagrad(lr={args.learning_rate})")
+    title = f"Flax NNX MLP on digits, mx_adagrad.flat.fused_adagrad(lr={args.learning_rate})"
+    plot(history, args.out, title)
     print(f"test accuracy {history.test_accuracy:.4f}")
     print(f"curves written to {args.out}")
     return history.test_accuracy

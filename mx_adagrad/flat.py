@@ -14,7 +14,9 @@ costs ten times the arithmetic. This module offers two opt-in remedies, each bit
   CPU backend it updates every dense float32 leaf (and, with ``multi_precision``, every
   float16/bfloat16 leaf) in one pass over memory, up to 64 leaves per native call
   (:mod:`mx_adagrad._native`); anywhere else (GPU, TPU, no C++ compiler, RowSparse gradients,
-  other dtypes) it is the XLA program of ``mx_adagrad.adagrad``.
+  other dtypes) it is the XLA program of ``mx_adagrad.adagrad``. The native call has a sharding
+  rule: with parameters placed over a device mesh, each device steps its own shards, with no
+  collective and every sharding kept.
 * :func:`ravel` and :class:`FlatParams`: the parameters as one 1-D buffer per
   ``(dtype, lr_mult, wd_mult)`` group, kept flat across steps. Differentiate with respect to the
   :class:`FlatParams` (``loss_fn(flat.unravel(), ...)``) and the gradients come flat too; any
@@ -36,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,6 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule, custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mx_adagrad import _checks, _native, alias, multipliers, transforms
 from mx_adagrad.lr_scheduler import LRScheduler
@@ -102,6 +108,13 @@ def fused_adagrad(
     runs the XLA program of ``tx``. ``optax.inject_hyperparams`` does not apply here: use ``tx``
     for traced hyperparameters.
 
+    Sharded parameters: the native call is partitioned like an elementwise operation
+    (``jax.experimental.custom_partitioning`` with a Shardy rule that maps every leaf's
+    operands and results to the same factors). Under ``jax.jit`` with parameters placed with
+    ``NamedSharding`` (``Explicit`` or ``Auto`` mesh axes), each device runs the kernel on its
+    own shards: the step compiles to no collective operation and keeps every sharding, and its
+    bits are those of the one-device step.
+
     Args:
       learning_rate: as in :func:`mx_adagrad.adagrad`.
       epsilon: as in :func:`mx_adagrad.adagrad`.
@@ -150,11 +163,11 @@ def fused_adagrad(
         # As scale_by_schedule and add_decayed_weights resolve them (same trees, same order).
         lr_mults = multipliers.resolve("scale_by_schedule", "lr_mult", lr_mult, history)
         wd_mults = multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, working)
-        # One (param, grad, history, master, lr_mult, wd_mult) per leaf.
+        # One (param, grad, history, master, lr_mult, wd_mult) per leaf; a RowSparse is one leaf.
         leaves = list(
             zip(
                 *(
-                    jax.tree.leaves(tree, is_leaf=_none)
+                    jax.tree.leaves(tree, is_leaf=_none_or_row_sparse)
                     for tree in (params, grads, history, master, lr_mults, wd_mults)
                 )
             )
@@ -169,7 +182,7 @@ def fused_adagrad(
         for dtype, indices in groups.items():
             weight, grad, hist, mast, lr_m, wd_m = zip(*(leaves[i] for i in indices))
             with_master = mast[0] is not None
-            weights, masters, histories = _native.step(
+            weights, masters, histories = _partitioned_native_step(
                 _native.hyper_array(dtype, rescale_grad, clip_gradient, epsilon),
                 _coefficients(lr, wd, lr_m, wd_m),
                 weight,
@@ -200,7 +213,131 @@ def fused_adagrad(
             cpu=lambda: native_step(params, grads, state, reference), default=lambda: reference
         )
 
+    remember(
+        tx,
+        learning_rate=learning_rate,
+        epsilon=epsilon,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        wd=wd,
+        lr_mult=lr_mult,
+        wd_mult=wd_mult,
+        begin_num_update=begin_num_update,
+        initial_accumulator_value=initial_accumulator_value,
+        multi_precision=multi_precision,
+        sparse_wd=sparse_wd,
+        native=native,
+    )
     return FusedAdaGrad(tx.init, step, tx)
+
+
+# The transformations a one-pass step can stand in for: ``tx.update`` -> the keyword arguments
+# of :func:`fused_adagrad` that rebuild it. Weak keys: an entry lives as long as its ``tx``.
+_ONE_PASS_ARGUMENTS: weakref.WeakKeyDictionary[Callable[..., Any], dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def remember(tx: optax.GradientTransformation, **arguments: Any) -> optax.GradientTransformation:
+    """Records that ``tx`` is the transformation of ``fused_adagrad(**arguments)``; returns ``tx``.
+
+    :func:`fused_adagrad` records its own ``tx``. A constructor whose result equals
+    ``fused_adagrad(**arguments).tx`` (``mx_adagrad.adagrad``) may record its result too, so that
+    :func:`one_pass` (and so ``mx_adagrad.flax.Optimizer`` and ``TrainState``) find the one-pass
+    step for it.
+    """
+    _ONE_PASS_ARGUMENTS[tx.update] = arguments
+    return tx
+
+
+def one_pass(tx: Any) -> FusedAdaGrad | None:
+    """The one-pass form of ``tx``, or None when it has none.
+
+    ``tx`` itself when it is a :class:`FusedAdaGrad`; ``fused_adagrad(...)`` of the recorded
+    arguments when ``tx`` is a transformation that :func:`remember` recorded (the ``.tx`` of a
+    :class:`FusedAdaGrad`); None for any other transformation. The result's ``step`` is bitwise
+    ``tx.update`` followed by ``mx_adagrad.apply_updates``, with the same state.
+    """
+    if isinstance(tx, FusedAdaGrad):
+        return tx
+    try:
+        arguments = _ONE_PASS_ARGUMENTS.get(tx.update)
+    except (AttributeError, TypeError):  # no update, or one that cannot be weakly referenced
+        return None
+    return None if arguments is None else fused_adagrad(**arguments)
+
+
+def _partitioned_native_step(
+    hyper: jax.Array,
+    coef: jax.Array,
+    weights: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    masters: Sequence[jax.Array] | None,
+    histories: Sequence[jax.Array],
+) -> tuple[list[jax.Array], list[jax.Array] | None, list[jax.Array]]:
+    """``_native.step`` with a sharding rule: elementwise, so each device steps its shards.
+
+    The kernel's operands are ``hyper``, ``coef`` (both replicated), then per leaf ``weight,
+    grad, [master,] history``; its results per leaf ``weight, [master,] history``. The Shardy rule
+    gives all of a leaf's operands and results one factor per dimension (passthrough: any
+    sharding of the weight is kept), and ``hyper`` and ``coef`` factors that need replication;
+    the partition callback shards every operand of a leaf like its weight and runs the
+    unpartitioned kernel on the local shards. On one device the kernel is called as it is.
+    """
+    columns = [list(weights), list(grads), *([list(masters)] if masters is not None else [])]
+    columns.append(list(histories))
+    width, count = len(columns), len(weights)
+
+    def kernel(hyper, coef, *operands):
+        local = [list(operands[k::width]) for k in range(width)]
+        out = _native.step(
+            hyper, coef, local[0], local[1], local[2] if width == 4 else None, local[-1]
+        )
+        return tuple(x for leaf in zip(*(o for o in out if o is not None)) for x in leaf)
+
+    def leaf_shardings(arg_shapes):
+        return [arg_shapes[2 + i * width].sharding for i in range(count)]
+
+    def infer(mesh, arg_shapes, result_shape):  # GSPMD (when Shardy is turned off)
+        return tuple(s for s in leaf_shardings(arg_shapes) for _ in range(width - 1))
+
+    def partition(mesh, arg_shapes, result_shape):
+        shardings = leaf_shardings(arg_shapes)
+        replicated = NamedSharding(mesh, P())
+        operands = (replicated, replicated, *(s for s in shardings for _ in range(width)))
+        results = tuple(s for s in shardings for _ in range(width - 1))
+        return mesh, kernel, results, operands
+
+    def rule(mesh, operand_types, result_types):
+        leaves = [
+            ArrayMapping(*(f"leaf{i}_{d}" for d in range(w.ndim))) for i, w in enumerate(weights)
+        ]
+        return SdyShardingRule(
+            (
+                ArrayMapping("hyper"),
+                ArrayMapping("leaf", "column"),
+                *(m for m in leaves for _ in range(width)),
+            ),
+            tuple(m for m in leaves for _ in range(width - 1)),
+            need_replication_factors=("hyper", "leaf", "column"),
+        )
+
+    partitioned = custom_partitioning(kernel)
+    partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
+    results = partitioned(hyper, coef, *(x for leaf in zip(*columns) for x in leaf))
+    # Typed like their inputs: under Explicit mesh axes the sharding is part of the type.
+    results = [_typed_like(x, columns[0][i // (width - 1)]) for i, x in enumerate(results)]
+    by_output = [results[j :: width - 1] for j in range(width - 1)]
+    return by_output[0], by_output[1] if masters is not None else None, by_output[-1]
+
+
+def _typed_like(result: jax.Array, weight: jax.Array) -> jax.Array:
+    """``result`` with the sharding type of ``weight`` where that type names mesh axes
+    (``Explicit`` axes); the data already has that sharding, so this moves nothing."""
+    want = jax.typeof(weight).sharding
+    if all(axis is None for axis in want.spec) or jax.typeof(result).sharding.spec == want.spec:
+        return result
+    return jax.sharding.reshard(result, want)
 
 
 def _coefficients(
@@ -231,6 +368,10 @@ def _coefficients(
 
 def _none(x: Any) -> bool:
     return x is None
+
+
+def _none_or_row_sparse(x: Any) -> bool:
+    return x is None or _checks.is_row_sparse(x)
 
 
 def _eligible(param: Any, grad: Any, history: Any, master: Any) -> bool:

@@ -1,19 +1,27 @@
 """mx_adagrad.flat: the fused step and flat parameters, checked bit for bit against the reference
-path (``mx_adagrad.adagrad`` + ``apply_updates``). Speed is never asserted."""
+path (``mx_adagrad.adagrad`` + ``apply_updates``), and the fused step on params sharded over 8 CPU
+devices (in a child process, see ``tests/eight_devices.py``): no collective, every sharding kept,
+the native kernel still called, bitwise the one-device step. Speed is never asserted."""
 
 from __future__ import annotations
 
 import functools
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mx_adagrad
-from mx_adagrad import flat, lr_scheduler
+from mx_adagrad import _native, flat, lr_scheduler
+from tests import eight_devices
+
+EIGHT_DEVICES = eight_devices.Checks("tests.test_flat")
 
 
 def bits(x) -> np.ndarray:
@@ -105,6 +113,30 @@ def test_leaves_the_kernel_does_not_take_use_the_xla_path():
         expected = reference_step(opt.tx)(params, grads, state)
         assert_bitwise(jax.jit(opt.step)(params, grads, state), expected)
         params, state = expected
+
+
+def test_a_row_sparse_gradient_does_not_shift_the_leaves_after_it():
+    """A RowSparse gradient is one leaf of the gradient tree, not two (indices, values): the dense
+    leaves after it meet their own gradients in the kernel (here "c" would take "b"'s)."""
+    rng = np.random.default_rng(1)
+    params = {
+        name: jnp.asarray(rng.normal(size=s), jnp.float32)
+        for name, s in [("a", (10, 3)), ("b", (3,)), ("c", (3,))]
+    }
+    grads = {
+        "a": mx_adagrad.RowSparse(
+            jnp.array([1, 4, 1]), jnp.asarray(rng.normal(size=(3, 3)), jnp.float32), (10, 3)
+        ),
+        "b": jnp.asarray(rng.normal(size=3), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=3), jnp.float32),
+    }
+    opt = flat.fused_adagrad(0.1)
+    state = opt.init(params)
+    step = jax.jit(opt.step)
+    assert_bitwise(step(params, grads, state), reference_step(opt.tx)(params, grads, state))
+    if _native.load():  # the dense leaves still take the kernel
+        compiled = step.lower(params, grads, state).compile()
+        assert eight_devices.native_calls(compiled) == ["mx_adagrad_step_f32"]
 
 
 def test_state_is_interchangeable_with_the_transformation():
@@ -219,3 +251,116 @@ def test_flat_step_has_no_temporaries_and_one_loop_pass():
         [],  # the native kernel is unavailable: the XLA path
     )
     assert compiled.memory_analysis().temp_size_in_bytes <= 256
+
+
+def test_one_pass_finds_the_fused_step_of_its_transformation():
+    opt = flat.fused_adagrad(0.1, wd=0.01, clip_gradient=0.5, multi_precision=True, native=False)
+    assert flat.one_pass(opt) is opt
+    again = flat.one_pass(opt.tx)  # the transformation alone: fused_adagrad recorded its arguments
+    assert isinstance(again, flat.FusedAdaGrad)
+    params = model(jnp.bfloat16)
+    state = opt.init(params)
+    for seed in range(2):
+        grads = grads_like(params, seed)
+        expected = reference_step(opt.tx)(params, grads, state)
+        assert_bitwise(jax.jit(again.step)(params, grads, state), expected)
+        params, state = expected
+    assert flat.one_pass(optax.adagrad(0.1)) is None
+    assert flat.one_pass(object()) is None
+
+
+def test_adagrad_is_recognized_once_alias_records_it():
+    """``mx_adagrad.adagrad(...)`` takes the one-pass step when alias.py records its arguments with
+    ``flat.remember`` (the hook described in the issue-14 report); until then it is not found."""
+    tx = mx_adagrad.adagrad(0.1, wd=0.01)
+    if flat.one_pass(tx) is None:
+        pytest.skip("mx_adagrad.adagrad does not record its arguments with flat.remember yet")
+    params = model()
+    state = tx.init(params)
+    grads = grads_like(params, 0)
+    assert_bitwise(
+        jax.jit(flat.one_pass(tx).step)(params, grads, state),
+        reference_step(tx)(params, grads, state),
+    )
+
+
+# Everything below the next test runs in the 8-device child process.
+
+
+@pytest.fixture(scope="module")
+def eight_device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | None]:
+    return EIGHT_DEVICES.report(tmp_path_factory.mktemp("flat_8_devices"))
+
+
+SHARDED_CONFIGS = {
+    "wd, clip, lr_mult": dict(wd=1e-3, clip_gradient=0.5, lr_mult={"kernel": 0.5, "bias": 2.0}),
+    "rescale, schedule": dict(
+        rescale_grad=0.25, wd=1e-3, learning_rate=optax.linear_schedule(0.1, 0.01, 3)
+    ),
+    "multi_precision": dict(wd=1e-3, clip_gradient=0.5, multi_precision=True),
+}
+
+
+def sharded_params(mesh) -> dict:
+    """float32 leaves split over both axes, one axis, or replicated, and a bfloat16 leaf."""
+    rng = np.random.default_rng(0)
+    specs = {
+        "kernel": ((16, 8), jnp.float32, P("data", "model")),
+        "rows": ((32, 4), jnp.float32, P("data")),
+        "bias": ((8,), jnp.float32, P()),
+        "half": ((8, 16), jnp.bfloat16, P(None, "model")),
+    }
+    return {
+        name: jax.device_put(jnp.asarray(rng.normal(size=shape), dtype), NamedSharding(mesh, spec))
+        for name, (shape, dtype, spec) in specs.items()
+    }
+
+
+def param_mirrors(state) -> list[tuple[str, dict]]:
+    """The state's histories and master copies: pytrees shaped like the params."""
+    mirrors = [("history", optax.tree_utils.tree_get(state, "history"))]
+    if isinstance(state, mx_adagrad.MultiPrecisionState):
+        mirrors.append(("master", state.master))
+    return mirrors
+
+
+@EIGHT_DEVICES
+def fused_step_keeps_shardings_adds_no_collectives_and_equals_one_device() -> None:
+    for mesh in eight_devices.meshes((4, 2), ("data", "model")):
+        for name, config in SHARDED_CONFIGS.items():
+            opt = flat.fused_adagrad(**{"learning_rate": 0.1, **config})
+            params = sharded_params(mesh)
+            grads = jax.tree.map(lambda p: (p * 3.0 - 0.5).astype(p.dtype), params)
+            local_params, local_grads = jax.tree.map(np.asarray, (params, grads))
+            state = opt.init(params)
+            step = jax.jit(opt.step, donate_argnums=(0, 2)).lower(params, grads, state).compile()
+            where = f"{name} {mesh.axis_types}"
+            assert eight_devices.collectives(step) == [], where
+            if _native.load():
+                assert eight_devices.native_calls(step), f"{where}: the native kernel is not called"
+            one_device = jax.jit(opt.step)
+            want = (jax.tree.map(jnp.asarray, local_params), opt.init(local_params))
+            for _ in range(3):
+                params, state = step(params, grads, state)
+                want = one_device(*want[:1], local_grads, want[1])
+            for key, leaf in params.items():
+                assert leaf.sharding.is_equivalent_to(grads[key].sharding, leaf.ndim), (where, key)
+            for what, mirror in param_mirrors(state):
+                for key, leaf in mirror.items():
+                    if leaf is not None:
+                        sharding = grads[key].sharding
+                        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (
+                            where,
+                            what,
+                            key,
+                        )
+            assert_bitwise(jax.device_get((params, state)), jax.device_get(want))
+
+
+@pytest.mark.parametrize("name", EIGHT_DEVICES.functions)
+def test_on_8_cpu_devices(eight_device_report: dict[str, str | None], name: str) -> None:
+    eight_devices.assert_passed(eight_device_report, name)
+
+
+if __name__ == "__main__":
+    EIGHT_DEVICES.main(sys.argv[1])
