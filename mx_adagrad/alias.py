@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import chex
 import optax
@@ -112,7 +115,7 @@ def adagrad(
       >>> mx_adagrad.apply_updates(params, updates)["w"]
       Array([ 0.9000001, -1.9000001], dtype=float32)
     """
-    return _mxnet2_chain(
+    tx = _mxnet2_chain(
         "adagrad",
         transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
         learning_rate,
@@ -126,6 +129,43 @@ def adagrad(
         multi_precision=multi_precision,
         sparse_wd=sparse_wd,
     )
+    return record(
+        tx,
+        learning_rate=resolve_learning_rate("adagrad", learning_rate, lr_scheduler),
+        epsilon=epsilon,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        wd=wd,
+        lr_mult=lr_mult,
+        wd_mult=wd_mult,
+        begin_num_update=begin_num_update,
+        initial_accumulator_value=initial_accumulator_value,
+        multi_precision=multi_precision,
+        sparse_wd=sparse_wd,
+    )
+
+
+# ``tx.update`` -> the keyword arguments of ``mx_adagrad.flat.fused_adagrad`` that build the same
+# transformation, for every ``adagrad(...)`` (and ``fused_adagrad(...).tx``). Weak keys: an entry
+# lives as long as its transformation.
+_ARGUMENTS: weakref.WeakKeyDictionary[Callable[..., Any], dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def record(tx: optax.GradientTransformation, **arguments: Any) -> optax.GradientTransformation:
+    """Records that ``tx`` is ``fused_adagrad(**arguments).tx``; returns ``tx``."""
+    _ARGUMENTS[tx.update] = arguments
+    return tx
+
+
+def recorded(tx: Any) -> dict[str, Any] | None:
+    """The arguments :func:`record` recorded for ``tx``, or None for any other transformation
+    (``mx_adagrad.flat.one_pass`` builds the one-pass step from them)."""
+    try:
+        return _ARGUMENTS.get(tx.update)
+    except (AttributeError, TypeError):  # no update, or one that cannot be weakly referenced
+        return None
 
 
 def rowwise_adagrad(

@@ -38,7 +38,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -213,7 +212,7 @@ def fused_adagrad(
             cpu=lambda: native_step(params, grads, state, reference), default=lambda: reference
         )
 
-    remember(
+    alias.record(
         tx,
         learning_rate=learning_rate,
         epsilon=epsilon,
@@ -231,39 +230,18 @@ def fused_adagrad(
     return FusedAdaGrad(tx.init, step, tx)
 
 
-# The transformations a one-pass step can stand in for: ``tx.update`` -> the keyword arguments
-# of :func:`fused_adagrad` that rebuild it. Weak keys: an entry lives as long as its ``tx``.
-_ONE_PASS_ARGUMENTS: weakref.WeakKeyDictionary[Callable[..., Any], dict[str, Any]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def remember(tx: optax.GradientTransformation, **arguments: Any) -> optax.GradientTransformation:
-    """Records that ``tx`` is the transformation of ``fused_adagrad(**arguments)``; returns ``tx``.
-
-    :func:`fused_adagrad` records its own ``tx``. A constructor whose result equals
-    ``fused_adagrad(**arguments).tx`` (``mx_adagrad.adagrad``) may record its result too, so that
-    :func:`one_pass` (and so ``mx_adagrad.flax.Optimizer`` and ``TrainState``) find the one-pass
-    step for it.
-    """
-    _ONE_PASS_ARGUMENTS[tx.update] = arguments
-    return tx
-
-
 def one_pass(tx: Any) -> FusedAdaGrad | None:
     """The one-pass form of ``tx``, or None when it has none.
 
-    ``tx`` itself when it is a :class:`FusedAdaGrad`; ``fused_adagrad(...)`` of the recorded
-    arguments when ``tx`` is a transformation that :func:`remember` recorded (the ``.tx`` of a
-    :class:`FusedAdaGrad`); None for any other transformation. The result's ``step`` is bitwise
-    ``tx.update`` followed by ``mx_adagrad.apply_updates``, with the same state.
+    ``tx`` itself when it is a :class:`FusedAdaGrad`; ``fused_adagrad(...)`` of the same
+    arguments when ``tx`` is what ``mx_adagrad.adagrad(...)`` returned (or the ``.tx`` of a
+    :class:`FusedAdaGrad`); None for any other transformation (``legacy.adagrad``,
+    ``rowwise_adagrad``, optax's). The result's ``step`` is bitwise ``tx.update`` followed by
+    ``mx_adagrad.apply_updates``, with the same state.
     """
     if isinstance(tx, FusedAdaGrad):
         return tx
-    try:
-        arguments = _ONE_PASS_ARGUMENTS.get(tx.update)
-    except (AttributeError, TypeError):  # no update, or one that cannot be weakly referenced
-        return None
+    arguments = alias.recorded(tx)
     return None if arguments is None else fused_adagrad(**arguments)
 
 

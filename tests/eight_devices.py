@@ -100,5 +100,5 @@ def collectives(compiled) -> list[str]:
 
 
 def native_calls(compiled) -> list[str]:
-    """The native kernel's custom calls in a compiled program's HLO."""
-    return re.findall(r'custom_call_target="(mx_adagrad_\w+)"', compiled.as_text())
+    """The one-pass step kernel's custom calls in a compiled program's HLO."""
+    return re.findall(r'custom_call_target="(mx_adagrad_step_\w+)"', compiled.as_text())

@@ -269,12 +269,11 @@ def test_one_pass_finds_the_fused_step_of_its_transformation():
     assert flat.one_pass(object()) is None
 
 
-def test_adagrad_is_recognized_once_alias_records_it():
-    """``mx_adagrad.adagrad(...)`` takes the one-pass step when alias.py records its arguments with
-    ``flat.remember`` (the hook described in the issue-14 report); until then it is not found."""
+def test_adagrad_is_recognized_and_takes_the_one_pass_step():
     tx = mx_adagrad.adagrad(0.1, wd=0.01)
-    if flat.one_pass(tx) is None:
-        pytest.skip("mx_adagrad.adagrad does not record its arguments with flat.remember yet")
+    assert flat.one_pass(tx) is not None
+    assert flat.one_pass(mx_adagrad.rowwise_adagrad(0.1)) is None
+    assert flat.one_pass(mx_adagrad.legacy.adagrad(0.1)) is None
     params = model()
     state = tx.init(params)
     grads = grads_like(params, 0)

@@ -131,12 +131,6 @@ def transformations(kind: str, config: dict):
     return (fused if kind == "fused_adagrad" else fused.tx), fused.tx
 
 
-def takes_one_pass(kind: str, tx) -> bool:
-    """Whether the Optimizer should take the one-pass step: always for a fused_adagrad and its
-    .tx; for mx_adagrad.adagrad(...) once alias.py records its arguments (flat.remember)."""
-    return kind != "adagrad" or flat.one_pass(tx) is not None
-
-
 def dense_step():
     @nnx.jit(donate_argnames=("model", "optimizer"))
     def step(model, optimizer, x, y):
@@ -167,7 +161,7 @@ def test_optimizer_equals_nnx_optimizer_bitwise(name, kind, graph):
         model, reference = MLP(nnx.Rngs(0), dtype), MLP(nnx.Rngs(0), dtype)
         optimizer = mxf.Optimizer(model, ours)
         reference_optimizer = nnx.Optimizer(reference, theirs, wrt=nnx.Param)
-        assert (optimizer.one_pass is not None) == takes_one_pass(kind, ours)
+        assert optimizer.one_pass is not None  # fused_adagrad, its .tx and adagrad(...) alike
         assert optimizer.tx is theirs
         step, reference_step = dense_step(), dense_step()
         for x, y in batches(4, dtype):
@@ -507,7 +501,7 @@ def test_train_state_equals_flax_train_state_bitwise(config, kind):
     model, params = linen_setup(dtype)
     state = mxf.TrainState.create(apply_fn=model.apply, params=params, tx=ours)
     reference = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=theirs)
-    assert (state.one_pass is not None) == takes_one_pass(kind, ours) and state.tx is theirs
+    assert state.one_pass is not None and state.tx is theirs
 
     @jax.jit
     def step(state, x, y):

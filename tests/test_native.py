@@ -18,6 +18,7 @@ import pytest
 
 import mx_adagrad
 from mx_adagrad import _native, flat, sparse
+from tests.eight_devices import native_calls
 
 pytestmark = pytest.mark.skipif(
     not _native.load(), reason="the native kernel is unavailable (no C++ compiler?)"
@@ -83,10 +84,6 @@ def test_kernel_is_bitwise_equal_to_xla(dtype, config):
         expected = reference(params, grads, state)
         assert_bitwise(fused(params, grads, state), expected)
         params, state = expected
-
-
-def native_calls(compiled) -> list[str]:
-    return re.findall(r'custom_call_target="(mx_adagrad_step_\w+)"', compiled.as_text())
 
 
 def test_large_trees_are_split_into_calls_of_64_leaves():
