@@ -115,6 +115,7 @@ def adagrad(
       >>> mx_adagrad.apply_updates(params, updates)["w"]
       Array([ 0.9000001, -1.9000001], dtype=float32)
     """
+    learning_rate = resolve_learning_rate("adagrad", learning_rate, lr_scheduler)
     tx = _mxnet2_chain(
         "adagrad",
         transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
@@ -124,14 +125,14 @@ def adagrad(
         wd=wd,
         lr_mult=lr_mult,
         wd_mult=wd_mult,
-        lr_scheduler=lr_scheduler,
+        lr_scheduler=None,
         begin_num_update=begin_num_update,
         multi_precision=multi_precision,
         sparse_wd=sparse_wd,
     )
     return record(
         tx,
-        learning_rate=resolve_learning_rate("adagrad", learning_rate, lr_scheduler),
+        learning_rate=learning_rate,
         epsilon=epsilon,
         rescale_grad=rescale_grad,
         clip_gradient=clip_gradient,
