@@ -432,15 +432,15 @@ def scale_by_rowwise_adagrad(
         history[r] = history[r] + mean(g[r]**2)          # mean over the row's other axes
         g[r] = g[r] / (sqrt(history[r]) + epsilon)
 
-    For complex parameters ``g**2`` is ``real(g * conj(g))`` and the history is real, as in
-    :func:`scale_by_adagrad`.
-
     A parameter with fewer than two axes keeps one accumulator per element, as
     :func:`scale_by_adagrad`. The state of a ``(rows, dim)`` table is ``rows`` numbers instead of
     ``rows * dim``: 64x less optimizer memory for a 64-wide embedding. A
     :class:`~mx_adagrad.RowSparse` gradient updates the accumulators of its rows only.
 
     MXNet has no row-wise AdaGrad; with ``dim == 1`` it is :func:`scale_by_adagrad`.
+
+    For complex parameters ``g**2`` is ``real(g * conj(g))`` and the history is real, as in
+    :func:`scale_by_adagrad`.
 
     Args:
       epsilon: added to the root, >= 0.
