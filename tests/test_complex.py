@@ -362,3 +362,24 @@ def test_fused_step_runs_complex_leaves_through_xla(multi_precision):
     text = jax.jit(opt.step).lower(params, grads, state).compile().as_text()
     calls = re.findall(r'custom_call_target="(mx_adagrad_step_\w+)"', text)
     assert calls in (["mx_adagrad_step_f32"], [])  # the float32 leaf only (or no kernel at all)
+
+
+@pytest.mark.parametrize(
+    "cls, factory",
+    [
+        (mx_adagrad.AdaGrad, mx_adagrad.adagrad),
+        (mx_adagrad.legacy.AdaGrad, mx_adagrad.legacy.adagrad),
+    ],
+    ids=["AdaGrad", "legacy.AdaGrad"],
+)
+def test_optimizer_api_takes_complex_weights_like_the_functional_optimizer(cls, factory):
+    weight, grads = problem((5, 2), steps=4, seed=23)
+    opt = cls(learning_rate=0.1, wd=0.01, clip_gradient=0.5)
+    weights = [jnp.asarray(weight)]
+    states = [opt.create_state(0, weights[0])]
+    assert states[0].dtype == jnp.float32
+    for grad in grads:
+        opt.update([0], weights, [jnp.asarray(grad)], states)
+    want, _ = train(factory(0.1, wd=0.01, clip_gradient=0.5), jnp.asarray(weight), grads)
+    # The Optimizer API traces its hyperparameters; the transformation has them as constants.
+    np.testing.assert_allclose(weights[0], want[-1], rtol=1e-6)
