@@ -1,9 +1,15 @@
-# The whole setup: `make test` and `make demo` create .venv and install what they need.
+# The whole setup: `make test` and `make demo` create .venv and install what they need, at the
+# exact versions in requirements/constraints.txt (`make lock` refreshes that file).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+CONSTRAINTS := requirements/constraints.txt
+PIP_INSTALL := $(PY) -m pip install -q -c $(CONSTRAINTS)
+# CI's torch (.ci/run); the lock pins it and the packages it pulls in.
+TORCH := torch==2.13.0
+LOCK_VENV := .venv-lock
 
-.PHONY: venv test demo bench lint format clean
+.PHONY: venv test demo bench lint format lock clean
 
 venv: $(PY)
 
@@ -12,12 +18,12 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # The tests cover the framework integrations (Flax, Haiku, Equinox, Orbax), so they take both extras.
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[test,examples]"
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP_INSTALL) -e ".[test,examples]"
 	touch $@
 
-$(VENV)/.installed-examples: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[examples]"
+$(VENV)/.installed-examples: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP_INSTALL) -e ".[examples]"
 	touch $@
 
 test: $(VENV)/.installed-test
@@ -39,6 +45,22 @@ lint: $(VENV)/.installed-test
 format: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Resolves the newest releases that pyproject.toml allows in a fresh venv and writes their exact
+# versions. Local labels are dropped (torch==2.13.0, not 2.13.0+cpu), so a constraint names the
+# release and the wheel found on the machine satisfies it.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[test,examples]" "$(TORCH)"
+	mkdir -p $(dir $(CONSTRAINTS))
+	{ echo "# Exact versions the test suite was run with; made by \`make lock\` with $$($(LOCK_VENV)/bin/python -V)."; \
+	  echo "# Used by make test/demo/bench and .ci/run (pip install -c). Users' installs are unpinned."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; \
+	} > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

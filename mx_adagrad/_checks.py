@@ -29,7 +29,9 @@ class shown(str):
 
 
 def concrete_float(value: Any) -> float | None:
-    """Returns ``value`` as a Python float if it is a concrete scalar, else None (traced or array)."""
+    """Returns ``value`` as a Python float if it is a concrete real scalar, else None (traced,
+    array, or complex with a nonzero imaginary part; ``optax.inject_hyperparams`` stores real
+    hyperparameters as complex numbers when the params are complex)."""
     if isinstance(value, jax.core.Tracer):
         return None
     if isinstance(value, (bool, np.bool_)):
@@ -40,6 +42,8 @@ def concrete_float(value: Any) -> float | None:
         return None
     if array.shape != () or not np.issubdtype(array.dtype, np.number):
         return None
+    if np.iscomplexobj(array):
+        return float(array.real) if array.imag == 0 else None
     return float(array)
 
 
@@ -156,10 +160,16 @@ def same_structure(
 
 
 def floating(where: str, name: str, tree: Any) -> None:
-    """Checks that every leaf of ``tree`` has a floating dtype (AdaGrad cannot update integers)."""
+    """Checks that every leaf of ``tree`` has a floating dtype, real or complex (AdaGrad cannot
+    update integers)."""
     for path, leaf in zip(leaf_paths(tree), jax.tree.leaves(tree)):
-        if not jax.numpy.issubdtype(jax.numpy.result_type(leaf), jax.numpy.floating):
-            fail(where, f"{name}[{path!r}]", "a floating-point array", shown(f"dtype {leaf.dtype}"))
+        if not jax.numpy.issubdtype(jax.numpy.result_type(leaf), jax.numpy.inexact):
+            fail(
+                where,
+                f"{name}[{path!r}]",
+                "a floating-point array (real or complex)",
+                shown(f"dtype {leaf.dtype}"),
+            )
 
 
 def require_params(where: str, params: Any) -> None:

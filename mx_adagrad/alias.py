@@ -80,6 +80,7 @@ def adagrad(
     under ``jax.jit`` the chain and ``apply_updates`` fuse into elementwise loops per parameter.
     Gradients may mix dense arrays and :class:`~mx_adagrad.RowSparse` rows (embedding tables):
     a RowSparse leaf's duplicates are summed, and only its rows are read and written.
+    Complex parameters train too: the history is real, ``history + real(g * conj(g))``.
     The arguments keep MXNet's names and defaults; ``optax.adagrad`` differs (epsilon inside the
     root, history starting at 0.1, no rescale/clip/decay).
 
@@ -89,7 +90,8 @@ def adagrad(
         replaces its ``base_lr``, as in MXNet (with a warning when they differ).
       epsilon: added to ``sqrt(history)``, >= 0.
       rescale_grad: gradient multiplier, finite (Gluon: ``1 / batch_size``).
-      clip_gradient: elementwise clipping bound, > 0, or ``None`` for no clipping.
+      clip_gradient: elementwise clipping bound, > 0, or ``None`` for no clipping; it bounds the
+        modulus of a complex element, keeping its phase.
       wd: L2 weight decay, >= 0, added to the gradient before the history.
       lr_mult: per-parameter learning-rate multipliers (pytree, callable or ``{path: value}``).
       wd_mult: per-parameter weight-decay multipliers (pytree, callable or ``{path: value}``).

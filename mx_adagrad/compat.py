@@ -162,9 +162,10 @@ class Optimizer:
     # -- states -------------------------------------------------------------------------------
 
     def create_state(self, index: Any, weight: jax.Array) -> State:
-        """The AdaGrad history for one weight: zeros of its shape and dtype."""
+        """The AdaGrad history for one weight: zeros of its shape and dtype (the real dtype of a
+        complex weight, as :func:`mx_adagrad.scale_by_adagrad`)."""
         del index
-        return jnp.zeros_like(weight)
+        return jnp.zeros_like(weight, jnp.finfo(jnp.result_type(weight)).dtype)
 
     def _uses_master(self, weight: jax.Array) -> bool:
         return self.multi_precision and jnp.asarray(weight).dtype in LOW_PRECISION_DTYPES

@@ -45,7 +45,7 @@ def _working_params(params: optax.Params, master: optax.Params) -> optax.Params:
     return jax.tree.map(lambda p, m: p if m is None else m, params, master, is_leaf=_is_none)
 
 
-def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` on float32 master copies of the float16 and bfloat16 parameters.
 
     ::
@@ -68,9 +68,11 @@ def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransf
       inner: the transformation to run in float32.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`MultiPrecisionState`. Its
-      ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`MultiPrecisionState`.
+      Its ``update`` needs ``params``; extra keyword arguments go to ``inner`` (as ``optax.chain``
+      passes them).
     """
+    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         master = jax.tree.map(
@@ -78,7 +80,7 @@ def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransf
         )
         return MultiPrecisionState(master, inner.init(_working_params(params, master)))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         _checks.require_params("multi_precision", params)
         _checks.same_structure("multi_precision", "updates", updates, "params", params)
         grads = sparse.map_leaves(
@@ -87,7 +89,7 @@ def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransf
             state.master,
         )
         steps, inner_state = inner.update(
-            grads, state.inner_state, _working_params(params, state.master)
+            grads, state.inner_state, _working_params(params, state.master), **extra_args
         )
         master = sparse.map_leaves(
             lambda u, m: None if m is None else apply_update(m, u), steps, state.master
@@ -102,4 +104,4 @@ def multi_precision(inner: optax.GradientTransformation) -> optax.GradientTransf
         updates = sparse.map_leaves(low_precision_step, steps, params, master)
         return updates, MultiPrecisionState(master, inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,6 +13,10 @@ order, they compute MXNet 2.0's ``AdaGrad`` step::
 
 Hyperparameters may be Python numbers or (traced) JAX scalars, so every transform works under
 ``optax.inject_hyperparams``. Concrete values are validated when the transform is built.
+
+Complex parameters take the same steps: the history is real, ``history + real(g * conj(g))`` (the
+squared modulus) in the real dtype of the parameter (float32 for complex64), the root divides the
+real and imaginary parts alike, and ``clip`` bounds the modulus of each element, keeping its phase.
 """
 
 from __future__ import annotations
@@ -35,7 +39,18 @@ SPARSE_WD_MODES = ("lazy", "error")
 
 def _like(value: chex.Numeric, array: chex.Array) -> chex.Array:
     """A scalar hyperparameter in the dtype of the array it multiplies (keeps bf16 bf16)."""
-    return jnp.asarray(value, dtype=array.dtype)
+    return jnp.asarray(_real(value) if not jnp.iscomplexobj(array) else value, dtype=array.dtype)
+
+
+def _real(value: chex.Numeric) -> chex.Numeric:
+    """A real hyperparameter as a real number. ``optax.inject_hyperparams`` stores hyperparameters
+    in the params' dtype, complex for complex params; concrete ones were checked to be real."""
+    return jnp.real(value) if jnp.iscomplexobj(value) else value
+
+
+def _real_dtype(param: chex.Array) -> jnp.dtype:
+    """The dtype of a parameter's history: its own if real, float32 for complex64 and so on."""
+    return jnp.finfo(jnp.result_type(param)).dtype
 
 
 def rescale(rescale_grad: chex.Numeric = 1.0) -> optax.GradientTransformation:
@@ -77,6 +92,13 @@ def clip(clip_gradient: chex.Numeric | None = None) -> optax.GradientTransformat
     ::
 
         g = min(max(g, -clip_gradient), clip_gradient)      # NaN stays NaN, as in MXNet
+        g = g * clip_gradient / |g| where |g| > clip_gradient          # complex g
+
+    A complex element is clipped by its modulus: one outside the disc ``|g| <= clip_gradient`` is
+    moved onto its edge with its phase kept, so ``clip`` commutes with a common phase rotation and
+    a complex gradient with zero imaginary parts is clipped exactly as the real one. An element
+    with an infinite part points where its infinite parts point (``inf + 3j`` becomes
+    ``clip_gradient``); one with a NaN part stays as it is. MXNet had no complex numbers.
 
     Args:
       clip_gradient: the bound, > 0; ``None`` turns clipping off (MXNet argument of the same name).
@@ -98,6 +120,8 @@ def clip(clip_gradient: chex.Numeric | None = None) -> optax.GradientTransformat
         del params
 
         def clip_rows(v):
+            if jnp.iscomplexobj(v):
+                return _clip_modulus(v, _like(clip_gradient, jnp.real(v)))
             return jnp.clip(v, -_like(clip_gradient, v), _like(clip_gradient, v))
 
         return sparse.map_leaves(lambda g: sparse.on_rows(clip_rows, g), updates), state
@@ -105,12 +129,43 @@ def clip(clip_gradient: chex.Numeric | None = None) -> optax.GradientTransformat
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _clip_modulus(v: chex.Array, bound: chex.Array) -> chex.Array:
+    """``v * bound / |v|`` where ``|v| > bound``, elementwise, for complex ``v`` (see :func:`clip`).
+
+    Each element is first divided by the larger magnitude of its two parts, so its modulus,
+    ``larger * |unit|`` with ``|unit|`` in ``[1, sqrt(2)]``, is compared and divided without
+    overflowing; with an infinite part, the infinite parts count as +-1 and the finite ones as 0.
+    """
+    re, im = jnp.real(v), jnp.imag(v)
+    larger = jnp.maximum(jnp.abs(re), jnp.abs(im))  # NaN if a part is NaN
+    infinite = jnp.isinf(larger)
+
+    def unit_part(part):
+        return jnp.where(infinite, jnp.where(jnp.isinf(part), jnp.sign(part), 0), part / larger)
+
+    unit_re, unit_im = unit_part(re), unit_part(im)
+    size = jnp.abs(jax.lax.complex(unit_re, unit_im))
+    on_edge = jax.lax.complex(bound * (unit_re / size), bound * (unit_im / size))
+    return jnp.where(larger * size > bound, on_edge, v)  # a NaN compares False: kept
+
+
 def _decay(wd: chex.Numeric, grad: Any, weight: chex.Array, mult: chex.Numeric) -> Any:
     """``grad + wd * mult * weight``; a RowSparse gradient with no decay is left as it is (MXNet's
     sparse kernel has no decay term), so its weight rows are not even read."""
     if _checks.is_row_sparse(grad) and _checks.concrete_float(wd * mult) == 0.0:
         return sparse.coalesce(grad)
-    return sparse.on_rows(lambda v, w: v + _like(wd * mult, v) * w.astype(v.dtype), grad, weight)
+
+    def decay(v, w):
+        if jnp.iscomplexobj(w):  # a real gradient of a complex weight: keep w's imaginary part
+            v = v.astype(_complex_dtype(v.dtype))
+        return v + _like(wd * mult, v) * w.astype(v.dtype)
+
+    return sparse.on_rows(decay, grad, weight)
+
+
+def _complex_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The complex dtype of ``dtype``'s precision (at least complex64): float64 -> complex128."""
+    return jnp.promote_types(dtype, jnp.complex64)
 
 
 def _refuse_sparse_decay(wd: chex.Numeric, updates: optax.Updates, mults: Any) -> None:
@@ -187,8 +242,22 @@ def _divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
     starting with a negate lets the gradient's arithmetic be recomputed inside both the history
     loop and the weight loop instead of being written to a temporary buffer. Checked by
     ``tests/test_fusion.py``.
+
+    A complex numerator has its real and imaginary parts divided by the real denominator (a
+    complex division would round differently and could overflow in ``|denominator|**2``).
     """
+    if jnp.iscomplexobj(numerator):
+        return jax.lax.complex(
+            _divide(jnp.real(numerator), denominator), _divide(jnp.imag(numerator), denominator)
+        )
     return -(-numerator / denominator)
+
+
+def _square(grad: chex.Array) -> chex.Array:
+    """``grad**2``; for a complex gradient its squared modulus ``real(grad * conj(grad))``."""
+    if jnp.iscomplexobj(grad):
+        return jnp.real(grad * jnp.conj(grad))
+    return grad * grad
 
 
 def _accumulate_and_scale(
@@ -200,9 +269,13 @@ def _accumulate_and_scale(
     """One leaf of an AdaGrad accumulator: ``h = accumulate(h, g)``, then ``scale(g, h)``.
 
     Returns ``(update, history)``. For a RowSparse gradient only its rows of the history are
-    read, updated and written back (one gather, one scatter); the update is RowSparse too.
+    read, updated and written back (one gather, one scatter); the update is RowSparse too. The
+    gradient is cast to the history's precision, staying complex if it is.
     """
-    grad = sparse.on_rows(lambda v: v.astype(history.dtype), grad)
+    grad = sparse.on_rows(
+        lambda v: v.astype(_complex_dtype(history.dtype) if jnp.iscomplexobj(v) else history.dtype),
+        grad,
+    )
     if not _checks.is_row_sparse(grad):
         history = accumulate(history, grad)
         return scale(grad, history), history
@@ -257,10 +330,11 @@ def scale_by_adagrad(
 
     ::
 
-        history = history + g**2
+        history = history + g**2                  # complex g: history + real(g * conj(g))
         g = g / (sqrt(history) + epsilon)
 
-    The history has the parameters' dtype (as MXNet's ``create_state``) and starts at
+    The history has the parameters' dtype (as MXNet's ``create_state``; the real dtype of complex
+    parameters, float32 for complex64) and starts at
     ``initial_accumulator_value`` (MXNet: 0; ``optax.adagrad``: 0.1). With
     ``eps_inside_sqrt=True`` the division is MXNet 1.x's (and ``optax.adagrad``'s)
     ``g / sqrt(history + epsilon)``.
@@ -288,7 +362,10 @@ def scale_by_adagrad(
 
     def init_fn(params):
         _checks.floating("scale_by_adagrad", "params", params)
-        return ScaleByAdagradState(optax.tree.full_like(params, initial_accumulator_value))
+        value = _real(initial_accumulator_value)
+        return ScaleByAdagradState(
+            jax.tree.map(lambda p: jnp.full_like(p, value, _real_dtype(p)), params)
+        )
 
     def update_fn(updates, state, params=None):
         del params
@@ -296,7 +373,7 @@ def scale_by_adagrad(
             "scale_by_adagrad",
             updates,
             state.history,
-            lambda h, g: h + g * g,
+            lambda h, g: h + _square(g),
             lambda g, h: _divide(g, root(h)),
         )
         return updates, ScaleByAdagradState(history)
@@ -312,16 +389,17 @@ class ScaleByRowwiseAdagradState(NamedTuple):
 
 
 def _row_vector(param: chex.Array, value: chex.Numeric) -> chex.Array:
-    """``value`` once per row of ``param`` (per element for ndim < 2), in its dtype and, when it
-    is placed on a mesh, split along the mesh axes of its rows."""
+    """``value`` once per row of ``param`` (per element for ndim < 2), in its (real) dtype and,
+    when it is placed on a mesh, split along the mesh axes of its rows."""
+    value = _real(value)
     if _row_shape(jnp.shape(param)) == jnp.shape(param):
-        return jnp.full_like(param, value)
+        return jnp.full_like(param, value, _real_dtype(param))
     sharding = getattr(param, "sharding", None)
     if isinstance(sharding, NamedSharding):
         sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
     else:
         sharding = None
-    return jnp.full(param.shape[:1], value, param.dtype, device=sharding)
+    return jnp.full(param.shape[:1], value, _real_dtype(param), device=sharding)
 
 
 def _row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -330,10 +408,11 @@ def _row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _row_mean_square(history: chex.Array, grad: chex.Array) -> chex.Array:
-    """``history + mean(grad**2)`` over each row's other axes (elementwise below two axes)."""
+    """``history + mean(grad**2)`` over each row's other axes (elementwise below two axes); the
+    squared modulus for a complex gradient."""
     if grad.ndim < 2:
-        return history + grad * grad
-    return history + jnp.mean(grad * grad, axis=tuple(range(1, grad.ndim)))
+        return history + _square(grad)
+    return history + jnp.mean(_square(grad), axis=tuple(range(1, grad.ndim)))
 
 
 def _per_row(values: chex.Array, rows: chex.Array) -> chex.Array:
@@ -359,6 +438,9 @@ def scale_by_rowwise_adagrad(
     :class:`~mx_adagrad.RowSparse` gradient updates the accumulators of its rows only.
 
     MXNet has no row-wise AdaGrad; with ``dim == 1`` it is :func:`scale_by_adagrad`.
+
+    For complex parameters ``g**2`` is ``real(g * conj(g))`` and the history is real, as in
+    :func:`scale_by_adagrad`.
 
     Args:
       epsilon: added to the root, >= 0.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -39,5 +40,24 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
 
     Returns:
       The new parameters, with the structure and dtypes of ``params``.
+
+    Raises:
+      ValueError: a complex update for a real parameter (its imaginary part would be dropped).
     """
+    if _checks.structure(updates) == _checks.structure(params):  # else map_leaves says so
+        _refuse_complex_updates_of_real_params(updates, params)
     return sparse.map_leaves(lambda u, p: apply_update(p, u), updates, params)
+
+
+def _refuse_complex_updates_of_real_params(updates: optax.Updates, params: optax.Params) -> None:
+    """Adding a complex update to a real parameter would drop its imaginary part."""
+    for path, u, p in zip(
+        _checks.leaf_paths(updates), _checks.leaves(updates), jax.tree.leaves(params)
+    ):
+        if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
+            _checks.fail(
+                "apply_updates",
+                f"updates[{path!r}]",
+                f"real for the real parameter of dtype {jnp.result_type(p)}",
+                _checks.shown(f"dtype {u.dtype}"),
+            )

@@ -1,12 +1,34 @@
 """Float64 NumPy transcriptions of the AdaGrad formulas: the reference every numeric test uses.
 
 Nothing here imports mx_adagrad; each function is the formula as MXNet documents it, one line per
-line of the documentation.
+line of the documentation. Complex weights and gradients are computed in complex128 with a float64
+history, by the rules of ``mx_adagrad.transforms`` (MXNet had no complex numbers): ``square(g)`` is
+``|g|**2`` and ``clip`` bounds the modulus.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def as_float64(x) -> np.ndarray:
+    """``x`` in float64, or complex128 if it is complex."""
+    return np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def square(g):
+    """``g**2``; for complex ``g`` the squared modulus, real."""
+    return np.real(g * np.conj(g)) if np.iscomplexobj(g) else np.square(g)
+
+
+def clip(g, bound):
+    """MXNet's ``clip(g, -bound, bound)``; for complex ``g`` (finite) ``g * bound / |g|`` where
+    ``|g| > bound``, so the modulus is at most ``bound`` and the phase is kept."""
+    if not np.iscomplexobj(g):
+        return np.clip(g, -bound, bound)
+    modulus = np.abs(g)
+    with np.errstate(divide="ignore"):  # |g| = 0: the factor is min(1, inf) = 1
+        return g * np.minimum(1.0, bound / modulus)
 
 
 def mxnet2_step(
@@ -26,19 +48,19 @@ def mxnet2_step(
     history += square(grad)
     weight -= learning_rate * grad / (sqrt(history) + epsilon)
     """
-    weight, grad, history = (np.asarray(x, np.float64) for x in (weight, grad, history))
+    weight, grad, history = (as_float64(x) for x in (weight, grad, history))
     grad = grad * rescale_grad
     if clip_gradient is not None:
-        grad = np.clip(grad, -clip_gradient, clip_gradient)
+        grad = clip(grad, clip_gradient)
     grad = grad + wd * weight
-    history = history + np.square(grad)
+    history = history + square(grad)
     weight = weight - lr * grad / (np.sqrt(history) + epsilon)
     return weight, history
 
 
 def mxnet2_run(weight, grads, *, lrs=None, lr=0.01, history=None, **hyper):
     """Runs :func:`mxnet2_step` over a sequence of gradients; returns the weight after each step."""
-    history = np.zeros_like(np.asarray(weight, np.float64)) if history is None else history
+    history = np.zeros(np.shape(weight)) if history is None else history
     lrs = [lr] * len(grads) if lrs is None else lrs
     weights = []
     for grad, step_lr in zip(grads, lrs):
@@ -51,10 +73,10 @@ def relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected|: the error relative to the array's scale.
 
     Elementwise relative error is undefined where a weight crosses zero; this norm-wise form is
-    what "relative error <= 1e-5" means throughout the tests.
+    what "relative error <= 1e-5" means throughout the tests. For complex arrays ``|.|`` is the
+    modulus.
     """
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
+    actual, expected = as_float64(actual), as_float64(expected)
     scale = max(np.max(np.abs(expected)), np.finfo(np.float64).tiny)
     return float(np.max(np.abs(actual - expected)) / scale)
 
@@ -68,11 +90,11 @@ def mxnet1_step(
     history += square(grad)
     weight += (grad / sqrt(history + eps) + weight * wd) * -lr
     """
-    weight, grad, history = (np.asarray(x, np.float64) for x in (weight, grad, history))
+    weight, grad, history = (as_float64(x) for x in (weight, grad, history))
     grad = grad * rescale_grad
     if clip_gradient is not None:
-        grad = np.clip(grad, -clip_gradient, clip_gradient)
-    history = history + np.square(grad)
+        grad = clip(grad, clip_gradient)
+    history = history + square(grad)
     weight = weight + (grad / np.sqrt(history + eps) + weight * wd) * -lr
     return weight, history
 
@@ -87,15 +109,15 @@ def rowwise_step(
                                                  # for arrays of fewer than two axes
     weight[r] -= learning_rate * grad[r] / (sqrt(history[r]) + epsilon)
     """
-    weight, grad, history = (np.asarray(x, np.float64) for x in (weight, grad, history))
+    weight, grad, history = (as_float64(x) for x in (weight, grad, history))
     grad = grad * rescale_grad
     if clip_gradient is not None:
-        grad = np.clip(grad, -clip_gradient, clip_gradient)
+        grad = clip(grad, clip_gradient)
     grad = grad + wd * weight
     if grad.ndim < 2:
-        history = history + np.square(grad)
+        history = history + square(grad)
         return weight - lr * grad / (np.sqrt(history) + epsilon), history
-    history = history + np.square(grad).reshape(grad.shape[0], -1).mean(axis=1)
+    history = history + square(grad).reshape(grad.shape[0], -1).mean(axis=1)
     root = (np.sqrt(history) + epsilon).reshape((-1,) + (1,) * (grad.ndim - 1))
     return weight - lr * grad / root, history
 
