@@ -11,6 +11,7 @@
 // the same order. XLA CPU runs gathers and scatters one element at a time with bounds checks on
 // every index; a row at a time is one memcpy (or one vectorized add) per row.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -37,28 +38,48 @@ bool TableRows(const ffi::AnyBuffer& table, const ffi::AnyBuffer& rows, int64_t 
   return true;
 }
 
-template <typename Id>
-const Id* IdsOf(const ffi::AnyBuffer& ids) {
-  return static_cast<const Id*>(ids.untyped_data());
+// Rows ahead of the one being copied whose table lines are requested early: a table row is a
+// random DRAM access, so the copies would otherwise wait for one row at a time.
+constexpr int64_t kPrefetchRows = 8;
+// Lines of a row requested ahead (the hardware's next-line prefetcher follows a longer row).
+constexpr int64_t kPrefetchBytes = 512;
+
+template <typename Id, typename Fn>
+ffi::Error ForEachRowOf(const Id* ids, int64_t n, int64_t count, const char* table,
+                        int64_t row_bytes, bool write, Fn fn) {
+  const int64_t ahead = std::min(row_bytes, kPrefetchBytes);
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kPrefetchRows < n) {
+      const int64_t next = static_cast<int64_t>(ids[k + kPrefetchRows]);
+      if (next >= 0 && next < count) {
+        for (int64_t b = 0; b < ahead; b += 64) {
+          if (write) {
+            __builtin_prefetch(table + next * row_bytes + b, 1);
+          } else {
+            __builtin_prefetch(table + next * row_bytes + b, 0);
+          }
+        }
+      }
+    }
+    const int64_t id = static_cast<int64_t>(ids[k]);
+    if (id >= 0 && id < count) fn(k, id);
+  }
+  return ffi::Error::Success();
 }
 
-// Calls fn(k, row) for every k whose id is a row of the table.
+// Calls fn(k, id) for every k whose id is a row of the table, in order of k, with the table's
+// rows prefetched (for writing when ``write``).
 template <typename Fn>
-ffi::Error ForEachRow(const ffi::AnyBuffer& ids, int64_t count, Fn fn) {
+ffi::Error ForEachRow(const ffi::AnyBuffer& ids, const Rows& shape, const char* table, bool write,
+                      Fn fn) {
   const int64_t n = static_cast<int64_t>(ids.element_count());
   switch (ids.element_type()) {
     case ffi::DataType::S32:
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t id = IdsOf<int32_t>(ids)[k];
-        if (id >= 0 && id < count) fn(k, id);
-      }
-      return ffi::Error::Success();
+      return ForEachRowOf(static_cast<const int32_t*>(ids.untyped_data()), n, shape.count, table,
+                          shape.bytes, write, fn);
     case ffi::DataType::S64:
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t id = IdsOf<int64_t>(ids)[k];
-        if (id >= 0 && id < count) fn(k, id);
-      }
-      return ffi::Error::Success();
+      return ForEachRowOf(static_cast<const int64_t*>(ids.untyped_data()), n, shape.count, table,
+                          shape.bytes, write, fn);
     default:
       return ffi::Error::InvalidArgument("mx_adagrad: row ids must be int32 or int64");
   }
@@ -81,7 +102,7 @@ ffi::Error Gather(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::Result<ffi::Any
   char* out = static_cast<char*>(rows->untyped_data());
   std::memset(out, 0, rows->size_bytes());
   const char* in = static_cast<const char*>(table.untyped_data());
-  return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
+  return ForEachRow(ids, shape, in, false, [&](int64_t k, int64_t id) {
     std::memcpy(out + k * shape.bytes, in + id * shape.bytes, shape.bytes);
   });
 }
@@ -98,7 +119,7 @@ ffi::Error ScatterRows(ffi::AnyBuffer table, ffi::AnyBuffer ids, ffi::AnyBuffer 
   }
   char* dst = InPlace(table, out);
   const char* src = static_cast<const char*>(rows.untyped_data());
-  return ForEachRow(ids, shape.count, [&](int64_t k, int64_t id) {
+  return ForEachRow(ids, shape, dst, true, [&](int64_t k, int64_t id) {
     if constexpr (kAdd) {
       float* __restrict to = reinterpret_cast<float*>(dst + id * shape.bytes);
       const float* __restrict from = reinterpret_cast<const float*>(src + k * shape.bytes);
