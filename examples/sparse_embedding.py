@@ -9,7 +9,9 @@ the ``--vocab-size`` most frequent words and frequent words are subsampled. Each
 of (center word, context word within a window of 5, ``--negatives`` words drawn from the unigram
 distribution to the 3/4 power) and minimizes
 ``-log sigmoid(u_context . v_center) - sum(log sigmoid(-u_negative . v_center))`` with
-``mx_adagrad.adagrad`` over two tables, ``center`` (the ``v``) and ``context`` (the ``u``).
+``mx_adagrad.adagrad`` over two tables, ``center`` (the ``v``) and ``context`` (the ``u``), taken
+as its one-pass step (``mx_adagrad.flat.fused_adagrad``: on the CPU, native kernels update the
+touched rows of a RowSparse table in place, and every element of a dense one, in one pass).
 
 The same training runs twice, from the same initial tables on the same batches:
 
@@ -202,7 +204,7 @@ def dense_loss(params: Params, centers: jax.Array, contexts: jax.Array) -> jax.A
     return sgns_loss(params["center"][centers], params["context"][contexts])
 
 
-def make_step(tx: optax.GradientTransformation, sparse: bool) -> Step:
+def make_step(opt: mx_adagrad.flat.FusedAdaGrad, sparse: bool) -> Step:
     """The jitted train step ``(params, state, centers, contexts) -> (params, state, loss)``.
 
     With ``sparse`` the gradients of the tables are RowSparse rows; without it, dense tables.
@@ -219,8 +221,8 @@ def make_step(tx: optax.GradientTransformation, sparse: bool) -> Step:
             loss, grads = row_value_and_grad(params, ids)
         else:  # a table-sized array per table, zero outside the rows looked up
             loss, grads = dense_value_and_grad(params, centers, contexts)
-        updates, state = tx.update(grads, state, params)
-        return mx_adagrad.apply_updates(params, updates), state, loss
+        params, state = opt.step(params, grads, state)  # tx.update + apply_updates, in one pass
+        return params, state, loss
 
     return step
 
@@ -249,10 +251,10 @@ def train(
     steps = len(batches.centers)
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the first one compiles), got {steps}")
-    tx = mx_adagrad.adagrad(learning_rate)
-    step = make_step(tx, sparse)
+    opt = mx_adagrad.flat.fused_adagrad(learning_rate)
+    step = make_step(opt, sparse)
     params = init_params(vocab, dim, seed)
-    state = tx.init(params)
+    state = opt.init(params)
     params, state, loss = step(params, state, batches.centers[0], batches.contexts[0])
     losses = [jax.block_until_ready(loss)]
     start = time.perf_counter()

@@ -193,6 +193,16 @@ def fused_adagrad(
                 out_params[i], out_history[i] = weights[k], histories[k]
                 if with_master:
                     out_master[i] = masters[k]
+        for i, (weight, grad, hist, mast, lr_m, wd_m) in enumerate(leaves):
+            if _sparse_eligible(weight, grad, hist, mast):
+                out_params[i], out_history[i] = _native.sparse_step(
+                    _native.hyper_array(jnp.float32, rescale_grad, clip_gradient, epsilon),
+                    _coefficients(lr, wd, [lr_m], [wd_m])[0],
+                    grad.indices,
+                    grad.values,
+                    weight,
+                    hist,
+                )
         treedef = jax.tree.structure(params)
         history_state = ScaleByAdagradState(jax.tree.unflatten(treedef, out_history))
         new_inner = (*new_inner[:3], history_state, *new_inner[4:])
@@ -363,6 +373,21 @@ def _eligible(param: Any, grad: Any, history: Any, master: Any) -> bool:
     if master is None:
         return jnp.dtype(param.dtype) == jnp.float32
     return jnp.dtype(param.dtype) in _native.TARGETS
+
+
+def _sparse_eligible(param: Any, grad: Any, history: Any, master: Any) -> bool:
+    """Whether the sparse kernel updates this leaf: a RowSparse gradient of a float32 table with
+    an element-wise history, whole on each device (the kernel has no sharding rule)."""
+    if not _checks.is_row_sparse(grad) or master is not None:
+        return False
+    if grad.dense_shape != np.shape(param) or np.ndim(param) < 1 or np.size(param) == 0:
+        return False
+    if np.shape(history) != np.shape(param) or grad.indices.shape[0] == 0:
+        return False
+    dtypes = (param.dtype, grad.values.dtype, history.dtype)
+    if any(jnp.dtype(d) != jnp.float32 for d in dtypes):
+        return False
+    return _native.local(param, history, grad.indices, grad.values)
 
 
 @dataclasses.dataclass(frozen=True)

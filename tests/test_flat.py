@@ -99,10 +99,11 @@ def test_fused_step_is_bitwise_the_reference(config, multi_precision, native):
 
 
 def test_leaves_the_kernel_does_not_take_use_the_xla_path():
-    """RowSparse gradients and float16 without multi_precision, next to kernel leaves."""
+    """float16 without multi_precision, and a RowSparse gradient of a bfloat16 table (multi-
+    precision tables have no sparse kernel), next to kernel leaves."""
     rng = np.random.default_rng(0)
     params = {
-        "embed": jnp.asarray(rng.normal(size=(50, 4)), jnp.float32),
+        "embed": jnp.asarray(rng.normal(size=(50, 4)), jnp.bfloat16),
         "half": jnp.asarray(rng.normal(size=(6,)), jnp.float16),
         "dense": jnp.asarray(rng.normal(size=(9,)), jnp.float32),
     }
@@ -111,11 +112,63 @@ def test_leaves_the_kernel_does_not_take_use_the_xla_path():
     for seed in range(3):
         grads = grads_like(params, seed)
         grads["embed"] = mx_adagrad.RowSparse(
-            jnp.array([3, 7, 3]), jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), (50, 4)
+            jnp.array([3, 7, 3]), jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16), (50, 4)
         )
         expected = reference_step(opt.tx)(params, grads, state)
         assert_xla_bits(jax.jit(opt.step)(params, grads, state), expected)
         params, state = expected
+
+
+SPARSE_CONFIGS = {
+    "defaults": dict(),
+    "lazy wd": dict(wd=0.05),
+    "rescale": dict(rescale_grad=0.5, wd=0.01),  # the rescale's multiply contracted (f32)
+    "clip, lr_mult, epsilon 0": dict(clip_gradient=0.3, lr_mult=0.5, epsilon=0.0),
+    "initial history": dict(initial_accumulator_value=0.1, wd=0.01),
+}
+
+
+def touched_rows_step(opt, table, state, grad):
+    """The one-pass dense step (``opt``'s, bitwise XLA's program of update + apply) on the rows
+    ``grad`` touches, with their summed gradient; every other row as it was: lazy AdaGrad."""
+    ids, values = np.asarray(grad.indices), np.asarray(grad.values)
+    valid = (ids >= 0) & (ids < table.shape[0])
+    rows = np.unique(ids[valid])
+    summed = np.zeros((rows.size, *table.shape[1:]), np.float32)
+    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as in the kernels
+        np.add.at(summed, np.searchsorted(rows, ids[valid]), values[valid])  # in order: +0.0 first
+    history, count = state[3].history, state[4].count
+    sub_state = (*state[:3], state[3]._replace(history=history[rows]), state[4])
+    new_rows, new_sub = jax.jit(opt.step)(table[rows], jnp.asarray(summed), sub_state)
+    table = table.at[rows].set(new_rows)
+    history = history.at[rows].set(new_sub[3].history)
+    return table, (
+        *state[:3],
+        state[3]._replace(history=history),
+        state[4]._replace(count=count + 1),
+    )
+
+
+@pytest.mark.parametrize("config", SPARSE_CONFIGS.values(), ids=SPARSE_CONFIGS)
+def test_row_sparse_one_pass_step_is_the_dense_step_on_the_touched_rows(config):
+    rng = np.random.default_rng(2)
+    opt = flat.fused_adagrad(0.1, **config)
+    table = jnp.asarray(rng.normal(size=(40, 5)), jnp.float32)
+    state = opt.init(table)
+    expected = (table, state)
+    for _ in range(4):
+        ids = ((rng.zipf(1.3, 30) - 1) % 40).astype(np.int32)
+        values = rng.normal(size=(30, 5)).astype(np.float32)
+        values[:, 0][:9] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 3.0, -2.0]
+        grad = mx_adagrad.RowSparse(ids, values, (40, 5))
+        expected = touched_rows_step(opt, *expected, grad)
+        table, state = jax.jit(opt.step)(table, grad, state)
+        assert_xla_bits((table, state), expected)
+    if _native.load():
+        compiled = jax.jit(opt.step, donate_argnums=(0, 2)).lower(table, grad, state).compile()
+        text = compiled.as_text()
+        assert re.findall(r'custom_call_target="(\w+)"', text) == ["mx_adagrad_sparse_step_f32"]
+        assert compiled.memory_analysis().temp_size_in_bytes <= 256  # in place, no row buffers
 
 
 def test_a_row_sparse_gradient_does_not_shift_the_leaves_after_it():
@@ -136,7 +189,11 @@ def test_a_row_sparse_gradient_does_not_shift_the_leaves_after_it():
     opt = flat.fused_adagrad(0.1)
     state = opt.init(params)
     step = jax.jit(opt.step)
-    assert_bitwise(step(params, grads, state), reference_step(opt.tx)(params, grads, state))
+    new_params, new_state = step(params, grads, state)
+    expected_params, expected_state = reference_step(opt.tx)(params, grads, state)
+    for name in ("b", "c"):
+        assert_xla_bits(new_params[name], expected_params[name])
+        assert_xla_bits(new_state[3].history[name], expected_state[3].history[name])
     if _native.load():  # the dense leaves still take the kernel
         compiled = step.lower(params, grads, state).compile()
         assert eight_devices.native_calls(compiled) == ["mx_adagrad_step_f32"]

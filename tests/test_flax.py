@@ -299,10 +299,15 @@ def sparse_nnx_step():
 
 
 def sparse_plain_step(tx):
+    """The plain-JAX RowSparse step with ``tx``'s one-pass step, as Optimizer and TrainState take
+    it (``tx.update`` + ``apply_updates`` for a transformation without one)."""
     grad_fn = mx_adagrad.value_and_row_grad(plain_loss, tables=["embed"])
+    one_pass = flat.one_pass(tx)
 
     def step(params, state, ids, labels):
         loss, grads = grad_fn(params, {"embed": ids}, labels)
+        if one_pass is not None:
+            return (*one_pass.step(params, grads, state), loss)
         updates, state = tx.update(grads, state, params)
         return mx_adagrad.apply_updates(params, updates), state, loss
 

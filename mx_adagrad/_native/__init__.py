@@ -10,6 +10,9 @@
   two-operand sort).
 * ``rows.cc``, the row gather and the in-place row scatters of :mod:`mx_adagrad.sparse`: a
   ``memcpy`` (or a vectorized add) per row where XLA CPU moves one element at a time.
+* ``sparse_step.cc``, the one-pass step of :mod:`mx_adagrad.flat` for a RowSparse gradient of a
+  float32 table: the duplicate sum (``coalesce.h``), then the dense kernel's arithmetic
+  (``step.h``) on each touched row, in place.
 
 Building: the first :func:`load` in a process compiles both sources with the C++ compiler
 ``$CXX`` (else ``g++``, else ``c++``) against the FFI headers of the installed jaxlib
@@ -47,7 +50,11 @@ import numpy as np
 
 from mx_adagrad import _checks
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("adagrad.cc", "coalesce.cc", "rows.cc"))
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("adagrad.cc", "coalesce.cc", "rows.cc", "sparse_step.cc")
+)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("step.h", "coalesce.h"))
 FLAGS = (
     "-O3",
     "-march=native",
@@ -67,6 +74,7 @@ TARGETS = {
     jnp.dtype(jnp.float16): ("mx_adagrad_step_f16", "MxAdagradStepF16"),
 }
 COALESCE_TARGET = ("mx_adagrad_coalesce_f32", "MxAdagradCoalesceF32")
+SPARSE_STEP_TARGET = ("mx_adagrad_sparse_step_f32", "MxAdagradSparseStepF32")
 ROWS_TARGETS = {
     "gather": ("mx_adagrad_gather_rows", "MxAdagradGatherRows"),
     "scatter": ("mx_adagrad_scatter_rows", "MxAdagradScatterRows"),
@@ -107,7 +115,7 @@ def library_path(compiler: str) -> Path:
     ).stdout
     headers = sorted(Path(jax.ffi.include_dir()).rglob("*.h"))
     key = hashlib.sha256()
-    for part in (*SOURCES, *headers, " ".join(FLAGS), version, _cpu_flags()):
+    for part in (*SOURCES, *HEADERS, *headers, " ".join(FLAGS), version, _cpu_flags()):
         key.update(part.read_bytes() if isinstance(part, Path) else part.encode())
     return cache_dir() / f"mx_adagrad_native_{key.hexdigest()[:16]}.so"
 
@@ -154,7 +162,12 @@ def load() -> bool:
         if not path.exists():
             build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in (*TARGETS.values(), COALESCE_TARGET, *ROWS_TARGETS.values()):
+        for target, symbol in (
+            *TARGETS.values(),
+            COALESCE_TARGET,
+            SPARSE_STEP_TARGET,
+            *ROWS_TARGETS.values(),
+        ):
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
             )
@@ -299,3 +312,33 @@ def scatter_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, add: bool) -
         vmap_method="sequential",
     )
     return call(table, ids, rows)
+
+
+def sparse_step(
+    hyper: jax.Array,
+    coef: jax.Array,
+    ids: jax.Array,
+    values: jax.Array,
+    weight: jax.Array,
+    history: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``sparse_step.cc`` (CPU only): one AdaGrad step of a float32 ``weight`` and ``history`` on
+    the RowSparse gradient ``(ids, values)``, written in place of the touched rows.
+
+    Args:
+      hyper: the operand :func:`hyper_array` makes.
+      coef: float32 ``[2]``: ``-learning_rate * lr_mult`` and ``wd * wd_mult``.
+      ids: the gradient's row ids, int32 or int64 ``(n,)`` (any order, duplicates summed, ids
+        outside the table dropped).
+      values: float32 ``(n, *weight.shape[1:])``.
+      weight: float32, the table; the first result aliases it.
+      history: float32, of the table's shape; the second result aliases it.
+    """
+    operands = _varying_alike(hyper, coef, ids, values, weight, history)
+    call = jax.ffi.ffi_call(
+        SPARSE_STEP_TARGET[0],
+        (jax.ShapeDtypeStruct.like(operands[4]), jax.ShapeDtypeStruct.like(operands[5])),
+        input_output_aliases={4: 0, 5: 1},
+        vmap_method="sequential",
+    )
+    return call(*operands)

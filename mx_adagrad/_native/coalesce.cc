@@ -13,80 +13,26 @@
 // times slower than with one; here a stable radix sort of (id, position) pairs takes a few
 // microseconds for a few thousand lookups, and the rows are then read once, in order.
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "coalesce.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kRadixBits = 11;
-constexpr uint64_t kRadix = uint64_t{1} << kRadixBits;
-
-// Sorts `keys` (with `order`, the positions they came from) by key, stably, with least-significant
-// digit passes of kRadixBits bits, as many as the largest key needs.
-void RadixSort(std::vector<uint64_t>& keys, std::vector<int64_t>& order) {
-  const size_t n = keys.size();
-  uint64_t largest = 0;
-  for (uint64_t k : keys) largest = std::max(largest, k);
-  std::vector<uint64_t> keys_tmp(n);
-  std::vector<int64_t> order_tmp(n);
-  std::vector<size_t> count(kRadix);
-  for (int shift = 0; shift < 64 && (largest >> shift) != 0; shift += kRadixBits) {
-    std::fill(count.begin(), count.end(), 0);
-    for (uint64_t k : keys) ++count[(k >> shift) & (kRadix - 1)];
-    size_t total = 0;
-    for (size_t& c : count) {
-      const size_t here = c;
-      c = total;
-      total += here;
-    }
-    for (size_t i = 0; i < n; ++i) {
-      const size_t to = count[(keys[i] >> shift) & (kRadix - 1)]++;
-      keys_tmp[to] = keys[i];
-      order_tmp[to] = order[i];
-    }
-    keys.swap(keys_tmp);
-    order.swap(order_tmp);
-  }
-}
-
 template <typename Id>
 ffi::Error CoalesceIds(const Id* ids, Id* ids_out, const float* values, float* rows_out, int64_t n,
                        int64_t width, int64_t num_rows) {
-  std::vector<uint64_t> keys;
-  std::vector<int64_t> order;
-  keys.reserve(n);
-  order.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t id = static_cast<int64_t>(ids[i]);
-    if (id >= 0 && id < num_rows) {
-      keys.push_back(static_cast<uint64_t>(id));
-      order.push_back(i);
-    }
-  }
-  RadixSort(keys, order);
-  // Each valid position's slot: the rank of its id among the distinct ids.
-  std::vector<int64_t> slot_of(n, -1);
-  int64_t slot = -1;
-  for (size_t j = 0; j < keys.size(); ++j) {
-    if (j == 0 || keys[j] != keys[j - 1]) ids_out[++slot] = static_cast<Id>(keys[j]);
-    slot_of[order[j]] = slot;
-  }
-  // The values are read once, in order (a stream the hardware prefetches), and added to their
-  // slot's row; each row thus sums its duplicates in order of position.
-  std::memset(rows_out, 0, sizeof(float) * static_cast<size_t>(n * width));
-  for (int64_t i = 0; i < n; ++i) {
-    if (slot_of[i] < 0) continue;
-    float* __restrict out = rows_out + slot_of[i] * width;
-    const float* __restrict in = values + i * width;
-    for (int64_t e = 0; e < width; ++e) out[e] += in[e];
-  }
-  for (int64_t k = slot + 1; k < n; ++k) ids_out[k] = static_cast<Id>(num_rows);
+  std::vector<int64_t> unique;
+  mx_adagrad::SumDuplicates(ids, n, num_rows, values, width, unique, rows_out);
+  const int64_t count = static_cast<int64_t>(unique.size());
+  for (int64_t k = 0; k < count; ++k) ids_out[k] = static_cast<Id>(unique[k]);
+  for (int64_t k = count; k < n; ++k) ids_out[k] = static_cast<Id>(num_rows);
+  std::memset(rows_out + count * width, 0, sizeof(float) * static_cast<size_t>((n - count) * width));
   return ffi::Error::Success();
 }
 
