@@ -8,13 +8,14 @@ step (duplicates included; a pool of batches is cycled, fresh ids on every step)
 process, timed as ``benchmarks/timing.py`` times them (rounds in a random order; a pause, one
 untimed step, a block of timed steps; ratios taken within each round):
 
-* optimizer step, given the gradient: ``mx_adagrad.adagrad`` ``update`` + ``apply_updates`` on a
-  ``RowSparse`` (jitted, table and state donated); the same on the dense gradient of the same
-  lookups; ``mx_adagrad.rowwise_adagrad``; ``torch.optim.Adagrad.step()`` on the same gradient as a
-  sparse COO tensor;
+* optimizer step, given the gradient as a ``RowSparse`` (jitted, table and state donated), in
+  both forms of ``mx_adagrad.adagrad``: the one-pass step (``flat.fused_adagrad(...).step``, what
+  ``mx_adagrad.flax.Optimizer`` takes) and the optax form (``tx.update`` + ``apply_updates``); the
+  one-pass step on the dense gradient of the same lookups; ``rowwise_adagrad``;
+  ``torch.optim.Adagrad.step()`` on the same gradient as a sparse COO tensor;
 * train step (lookup, backward, update) of ``loss = sum(tanh(table[ids]) * values)``:
-  ``mx_adagrad.value_and_row_grad`` + the update, jitted; torch's ``nn.Embedding(sparse=True)``
-  forward + backward + ``Adagrad.step()``.
+  ``mx_adagrad.value_and_row_grad`` + either form of the update, jitted; torch's
+  ``nn.Embedding(sparse=True)`` forward + backward + ``Adagrad.step()``.
 
 The floor of a step is the bytes it must move at this machine's streaming bandwidth (a 256 MB
 ``numpy.copyto``, measured in the same run): the gradient rows read once, and the weight and
@@ -46,6 +47,12 @@ except ImportError:
 DIM, LOOKUPS, POOL = 64, 8192, 16
 SIZES = {"250k": 250_000, "2M": 2_000_000, "10M": 10_000_000}
 LR = 0.01
+ONE_PASS_OPTIMIZER = "optimizer step: mx_adagrad one pass (fused_adagrad.step)"
+OPTAX_OPTIMIZER = "optimizer step: mx_adagrad tx.update + apply_updates"
+ONE_PASS_TRAIN = "train step: value_and_row_grad + one-pass step"
+OPTAX_TRAIN = "train step: value_and_row_grad + tx.update + apply_updates"
+TORCH_OPTIMIZER = "optimizer step: torch Adagrad.step, sparse COO grad"
+TORCH_TRAIN = "train step: torch nn.Embedding(sparse=True) + Adagrad"
 
 
 def zipf_ids(rng: np.random.Generator, rows: int) -> np.ndarray:
@@ -71,17 +78,23 @@ def cycle(items):
     return next_item
 
 
-def jax_steps(tx, rows: int, pool):
-    """Optimizer step, dense-gradient step and train step on one shared table and state."""
+def jax_steps(tx, rows: int, pool, one_pass_step=None):
+    """Optimizer steps and train steps on one shared table and state, in both forms of the step:
+    the optax one (``tx.update`` + ``apply_updates``) and, given ``one_pass_step``, that one."""
     table = jnp.zeros((rows, DIM), jnp.float32)
     buffers = {"table": table, "state": tx.init(table)}
     device_pool = [(jnp.asarray(ids), jnp.asarray(values)) for ids, values in pool]
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="dense")
-    def optimizer_step(table, state, ids, values, dense=False):
-        grad = mx_adagrad.RowSparse(ids, values, table.shape)
-        updates, state = tx.update(grad.todense() if dense else grad, state, table)
+    def update(table, state, grad, one_pass):
+        if one_pass:
+            return one_pass_step(table, grad, state)
+        updates, state = tx.update(grad, state, table)
         return mx_adagrad.apply_updates(table, updates), state
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames=("dense", "one_pass"))
+    def optimizer_step(table, state, ids, values, dense=False, one_pass=False):
+        grad = mx_adagrad.RowSparse(ids, values, table.shape)
+        return update(table, state, grad.todense() if dense else grad, one_pass)
 
     def loss_fn(params, rows, values):
         del params  # the table is looked up by value_and_row_grad
@@ -89,29 +102,30 @@ def jax_steps(tx, rows: int, pool):
 
     grad_fn = mx_adagrad.value_and_row_grad(loss_fn, tables=["table"])
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(table, state, ids, values):
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="one_pass")
+    def train_step(table, state, ids, values, one_pass=False):
         loss, grads = grad_fn({"table": table}, {"table": ids}, values)
-        updates, state = tx.update(grads["table"], state, table)
-        return mx_adagrad.apply_updates(table, updates), state, loss
+        return (*update(table, state, grads["table"], one_pass), loss)
 
-    def runner(kind):
+    def runner(kind: str, one_pass: bool = False):
         next_batch = cycle(device_pool)
 
         def run():
             ids, values = next_batch()
+            args = (buffers["table"], buffers["state"], ids, values)
             if kind == "train":
-                out = train_step(buffers["table"], buffers["state"], ids, values)
-                buffers["table"], buffers["state"], _ = out
+                buffers["table"], buffers["state"], _ = train_step(*args, one_pass=one_pass)
             else:
                 buffers["table"], buffers["state"] = optimizer_step(
-                    buffers["table"], buffers["state"], ids, values, dense=kind == "dense"
+                    *args, dense=kind == "dense", one_pass=one_pass
                 )
             buffers["table"].block_until_ready()
 
         return run
 
-    compiled = optimizer_step.lower(buffers["table"], buffers["state"], *device_pool[0]).compile()
+    compiled = optimizer_step.lower(
+        buffers["table"], buffers["state"], *device_pool[0], one_pass=one_pass_step is not None
+    ).compile()
     return runner, compiled.memory_analysis()
 
 
@@ -178,21 +192,25 @@ def floor_ms(pool, gbps: float) -> float:
 def contenders(sizes: dict[str, int], device: str = "cpu"):
     """name -> run (torch on ``device``), and the compiled step's memory per table size."""
     runs, memory = {}, {}
-    adagrad, rowwise = mx_adagrad.adagrad(LR), mx_adagrad.rowwise_adagrad(LR)
+    adagrad = mx_adagrad.flat.fused_adagrad(LR)
     for label, rows in sizes.items():
         pool = batches(rows)
-        runner, memory[label] = jax_steps(adagrad, rows, pool)
-        runs[f"optimizer step: mx_adagrad RowSparse, {label}"] = runner("sparse")
-        runs[f"train step: mx_adagrad value_and_row_grad, {label}"] = runner("train")
+        runner, memory[label] = jax_steps(adagrad.tx, rows, pool, adagrad.step)
+        runs[f"{ONE_PASS_OPTIMIZER}, {label}"] = runner("sparse", one_pass=True)
+        runs[f"{OPTAX_OPTIMIZER}, {label}"] = runner("sparse")
+        runs[f"{ONE_PASS_TRAIN}, {label}"] = runner("train", one_pass=True)
+        runs[f"{OPTAX_TRAIN}, {label}"] = runner("train")
         if label == "2M":
-            runs[f"optimizer step: mx_adagrad dense gradient, {label}"] = runner("dense")
-            runs[f"optimizer step: mx_adagrad rowwise RowSparse, {label}"] = jax_steps(
-                rowwise, rows, pool
-            )[0]("sparse")
+            runs[f"optimizer step: mx_adagrad dense gradient, {label}"] = runner(
+                "dense", one_pass=True
+            )
+            runs[f"optimizer step: rowwise_adagrad, tx.update + apply_updates, {label}"] = (
+                jax_steps(mx_adagrad.rowwise_adagrad(LR), rows, pool)[0]("sparse")
+            )
         if torch is not None and rows <= 2_000_000:
             optimizer_run, train_run = torch_steps(rows, pool, device)
-            runs[f"optimizer step: torch Adagrad, sparse COO grad, {label}"] = optimizer_run
-            runs[f"train step: torch nn.Embedding(sparse=True) + Adagrad, {label}"] = train_run
+            runs[f"{TORCH_OPTIMIZER}, {label}"] = optimizer_run
+            runs[f"{TORCH_TRAIN}, {label}"] = train_run
     return runs, memory
 
 
@@ -211,28 +229,20 @@ def measure(
     stats = timing.summarize(results, None)
     floors = {label: floor_ms(batches(rows), gbps) for label, rows in sizes.items()}
     ratios = {}
+    pairs = (
+        ("optimizer step, one pass", ONE_PASS_OPTIMIZER, TORCH_OPTIMIZER),
+        ("optimizer step, optax form", OPTAX_OPTIMIZER, TORCH_OPTIMIZER),
+        ("train step, one pass", ONE_PASS_TRAIN, TORCH_TRAIN),
+        ("train step, optax form", OPTAX_TRAIN, TORCH_TRAIN),
+    )
     for label in sizes:
-        for kind, ours, theirs in (
-            (
-                "optimizer",
-                "optimizer step: mx_adagrad RowSparse",
-                "optimizer step: torch Adagrad, sparse COO grad",
-            ),
-            (
-                "train",
-                "train step: mx_adagrad value_and_row_grad",
-                "train step: torch nn.Embedding(sparse=True) + Adagrad",
-            ),
-        ):
+        for kind, ours, theirs in pairs:
             if f"{theirs}, {label}" in runs:
-                ratios[f"{kind} step ÷ torch, {label}"] = timing.paired_ratio(
+                ratios[f"{kind} ÷ torch, {label}"] = timing.paired_ratio(
                     results, f"{ours}, {label}", f"{theirs}, {label}"
                 )
     smallest, *_, largest = sizes
-    for kind in (
-        "optimizer step: mx_adagrad RowSparse",
-        "train step: mx_adagrad value_and_row_grad",
-    ):
+    for kind in (ONE_PASS_OPTIMIZER, ONE_PASS_TRAIN):
         ratios[f"{kind}, {largest} ÷ {smallest}"] = timing.paired_ratio(
             results, f"{kind}, {largest}", f"{kind}, {smallest}"
         )
@@ -259,7 +269,7 @@ def print_report(summary: dict) -> None:
     print("|---|---|---|---|")
     for name, s in summary["stats"].items():
         label = name.rsplit(", ", 1)[-1]
-        floor = summary["floor_ms"].get(label) if "mx_adagrad RowSparse" in name else None
+        floor = summary["floor_ms"].get(label) if name.startswith(ONE_PASS_OPTIMIZER) else None
         floor_text = f"{floor:.3g}" if floor is not None else ""
         print(
             f"| {name} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "

@@ -214,15 +214,25 @@ def _rows_kernel(dense: chex.Array, grad: RowSparse, dtypes: tuple[Any, ...]) ->
     return jnp.ndim(dense) >= 1 and jnp.dtype(dense.dtype) in dtypes and grad.indices.shape[0] > 0
 
 
+def take_rows(table: chex.Array, ids: chex.Array) -> chex.Array:
+    """``table[ids]`` for integer ``ids`` of any shape: rows of shape ``(*ids.shape,
+    *table.shape[1:])``, zeros for ids outside ``[0, num_rows)`` (padding, as in RowSparse)."""
+    flat = jnp.reshape(ids, -1)
+    rows = _native_on_cpu(
+        _native.gather_rows,
+        lambda table, ids: jnp.take(table, ids, axis=0, mode="fill", fill_value=0),
+        table,
+        flat,
+        eligible=jnp.ndim(table) >= 1
+        and jnp.dtype(table.dtype) in _ROW_COPY_DTYPES
+        and flat.shape[0] > 0,
+    )
+    return rows.reshape((*jnp.shape(ids), *jnp.shape(table)[1:]))
+
+
 def gather(dense: chex.Array, grad: RowSparse) -> chex.Array:
     """``dense[ids]`` for a coalesced ``grad``; zeros in the padding slots."""
-    return _native_on_cpu(
-        _native.gather_rows,
-        lambda dense, ids: jnp.take(dense, ids, axis=0, mode="fill", fill_value=0),
-        dense,
-        grad.indices,
-        eligible=_rows_kernel(dense, grad, _ROW_COPY_DTYPES),
-    )
+    return take_rows(dense, grad.indices)
 
 
 def scatter(dense: chex.Array, grad: RowSparse, rows: chex.Array) -> chex.Array:
@@ -311,7 +321,9 @@ def value_and_row_grad(
     table), and differentiates with respect to the other params and the gathered rows. The table's
     gradient is ``RowSparse(ids[path], d loss / d rows[path], table.shape)``: the dense gradient is
     never formed. ``ids`` may have any shape (it is flattened; rows have shape
-    ``(*ids.shape, *table.shape[1:])``).
+    ``(*ids.shape, *table.shape[1:])``). An id outside ``[0, num_rows)`` (negative included) is
+    padding, as in every RowSparse: its row reads as zeros and nothing is updated for it
+    (:func:`check_indices` reports such ids inside ``jit``).
 
     Args:
       loss_fn: ``loss_fn(params_without_tables, rows, *args) -> loss`` (or ``(loss, aux)``).
@@ -342,7 +354,7 @@ def value_and_row_grad(
                 "value_and_row_grad", "ids", f"a dict with the keys {list(tables)}", list(ids)
             )
         rest, found = split(params)
-        rows = {p: jnp.take(found[p], ids[p], axis=0) for p in tables}
+        rows = {p: take_rows(found[p], ids[p]) for p in tables}
         out, (grad_rest, grad_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
             rest, rows, *args
         )
