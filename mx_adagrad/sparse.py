@@ -25,6 +25,8 @@ kernel (``_sparse_adagrad_update``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -280,6 +282,44 @@ def on_rows(fn: Callable[..., chex.Array], grad: Any, *dense: chex.Array) -> Any
 def map_leaves(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
     """``jax.tree.map`` over ``updates`` with each RowSparse taken whole, as one leaf."""
     return jax.tree.map(fn, updates, *rest, is_leaf=_checks.is_row_sparse)
+
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+
+
+def huge_pages(*arrays: jax.Array) -> int:
+    """Asks Linux to back the memory of ``arrays`` (CPU arrays: embedding tables, their history)
+    with 2 MB pages, now; returns how many bytes it moved.
+
+    A sparse step reads and writes a few thousand rows scattered over the table; with 4 KB pages
+    each one costs a TLB miss and a page walk, which on a table of gigabytes (and under a virtual
+    machine's nested paging) takes longer than moving the row. Linux's transparent huge pages are
+    usually enabled for memory that asks for them (``madvise`` mode); this asks, for the whole
+    2 MB pages inside each array's buffer (``MADV_HUGEPAGE``), and has the kernel rebuild them at
+    once (``MADV_COLLAPSE``, Linux >= 6.1: 1.5 to 2.5 s per GB here, once). Call it after ``init``,
+    on the arrays a donated step updates in place (the step keeps their buffers); it changes no
+    value. Where the platform, the kernel or the backend cannot, it returns 0 and does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except (OSError, TypeError):
+        return 0
+    moved = 0
+    for array in arrays:
+        if array.devices() != {jax.devices("cpu")[0]} or not array.is_fully_addressable:
+            continue
+        address = array.unsafe_buffer_pointer()
+        start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+        end = (address + array.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end <= start:
+            continue
+        for advice in (_MADV_HUGEPAGE, _MADV_COLLAPSE):
+            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) != 0:
+                break
+        else:
+            moved += end - start
+    return moved
 
 
 def check_indices(grads: Any) -> None:

@@ -338,3 +338,20 @@ def test_ten_million_row_table_trains_its_touched_rows_only():
     untouched[rows] = False
     assert np.all(table[untouched] == 0.25)
     assert np.all(np.asarray(state[3].history["table"])[untouched] == 0.0)
+
+
+def test_huge_pages_changes_no_value_and_keeps_the_step_in_place():
+    tx = mx_adagrad.adagrad(0.1)
+    table = jnp.asarray(np.random.default_rng(12).normal(size=(1 << 16, 32)), jnp.float32)
+    state = tx.init(table)
+    before = np.asarray(table).copy()
+    moved = mx_adagrad.sparse.huge_pages(table, state[3].history, jnp.ones(3))
+    # Whole 2 MB pages inside the two 8 MB buffers, or 0 where Linux cannot (older kernel).
+    assert moved % (1 << 21) == 0 and moved <= 2 * table.nbytes
+    np.testing.assert_array_equal(np.asarray(table), before)
+    address = table.unsafe_buffer_pointer()
+    step = make_step(tx)  # donated
+    grad = mx_adagrad.RowSparse(jnp.array([1, 5, 1]), jnp.ones((3, 32)), table.shape)
+    table, state = step(table, state, grad)
+    assert table.unsafe_buffer_pointer() == address  # the advised buffer is the one updated
+    assert mx_adagrad.sparse.huge_pages(jnp.ones(3)) == 0  # no whole 2 MB page inside

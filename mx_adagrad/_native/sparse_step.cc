@@ -30,7 +30,7 @@ using namespace mx_adagrad;  // NOLINT: the arithmetic of step.h and coalesce.h
 
 // Distinct rows ahead of the one being stepped whose weight and history lines are requested early:
 // each is a random DRAM access.
-constexpr size_t kPrefetchRows = 8;
+constexpr size_t kPrefetchRows = 16;
 
 template <typename Id>
 void StepRows(const Id* ids, int64_t n, const float* values, int64_t width, int64_t num_rows,
