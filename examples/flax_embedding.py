@@ -19,21 +19,17 @@ the first step excluded) and the nearest neighbours (cosine) of a few common wor
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+import sparse_embedding
 from flax import nnx
 from sparse_embedding import (
-    PROBE_WORDS,
     Batches,
     Run,
     init_params,
-    load_corpus,
-    make_batches,
-    nearest_neighbours,
     sgns_loss,
 )
 
@@ -114,62 +110,9 @@ def train(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
-    """Parses the flags, trains both paths, prints losses, speeds and neighbours; returns them.
-
-    Returns:
-      ``{"losses": {"sparse": ..., "dense": ...}, "steps_per_second": {"sparse": ..., "dense":
-      ...}, "max_loss_difference": ..., "vocab": ..., "neighbours": {word: [...]}}``.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--negatives", type=int, default=5)
-    parser.add_argument("--learning-rate", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--subsample", type=float, default=1e-3)
-    args = parser.parse_args(argv)
-
-    corpus = load_corpus(args.vocab_size)
-    vocab = len(corpus.words)
-    print(
-        f"corpus: {corpus.tokens.size:,} tokens of the standard library's docstrings, "
-        f"vocabulary {vocab:,} words, NNX tables {vocab:,} x {args.dim}"
-    )
-    rng = np.random.default_rng(args.seed)
-    batches = make_batches(corpus, args.steps, args.batch_size, args.negatives, args.subsample, rng)
-    runs = {
-        path: train(batches, vocab, args.dim, args.learning_rate, args.seed, path == "sparse")
-        for path in ("sparse", "dense")
-    }
-    sparse, dense = runs["sparse"].losses, runs["dense"].losses
-    every = max(1, args.steps // 10)
-    print(f"{'steps':>11}  {'sparse loss':>11}  {'dense loss':>11}  (mean over the steps)")
-    for start in range(0, args.steps, every):
-        window = slice(start, min(start + every, args.steps))
-        print(
-            f"{start + 1:>5}-{window.stop:<5}  {sparse[window].mean():11.6f}  "
-            f"{dense[window].mean():11.6f}"
-        )
-    max_difference = float(np.max(np.abs(sparse - dense)))
-    print(f"max |sparse loss - dense loss| over the {args.steps} steps: {max_difference:.3g}")
-    speeds = {path: run.steps_per_second for path, run in runs.items()}
-    print(
-        f"steps/s: sparse {speeds['sparse']:.1f}, dense {speeds['dense']:.1f} "
-        f"(sparse {speeds['sparse'] / speeds['dense']:.1f}x; {jax.devices()[0].platform})"
-    )
-    neighbours = nearest_neighbours(runs["sparse"].params["center"], corpus.words, PROBE_WORDS)
-    for word, similar in neighbours.items():
-        print(f"  {word}: {', '.join(similar)}")
-    return {
-        "losses": {"sparse": sparse, "dense": dense},
-        "steps_per_second": speeds,
-        "max_loss_difference": max_difference,
-        "vocab": vocab,
-        "neighbours": neighbours,
-        "tables": {path: run.params for path, run in runs.items()},
-    }
+    """``examples/sparse_embedding.py``'s flags, data, printout and result, with the NNX model's
+    :func:`train`."""
+    return sparse_embedding.main(argv, train_fn=train)
 
 
 if __name__ == "__main__":

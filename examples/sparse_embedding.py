@@ -281,12 +281,16 @@ def nearest_neighbours(
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, object]:
-    """Parses the flags, trains both paths, prints losses, speeds and neighbours; returns them.
+def main(
+    argv: Sequence[str] | None = None, train_fn: Callable[..., Run] = train
+) -> dict[str, object]:
+    """Parses the flags, trains both paths with ``train_fn`` (this module's :func:`train`, or
+    ``examples/flax_embedding.py``'s), prints losses, speeds and neighbours; returns them.
 
     Returns:
       ``{"losses": {"sparse": ..., "dense": ...}, "steps_per_second": {"sparse": ..., "dense":
-      ...}, "max_loss_difference": ..., "vocab": ..., "neighbours": {word: [...]}}``.
+      ...}, "max_loss_difference": ..., "vocab": ..., "neighbours": {word: [...]}, "tables":
+      {"sparse": ..., "dense": ...}}``.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -308,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     rng = np.random.default_rng(args.seed)
     batches = make_batches(corpus, args.steps, args.batch_size, args.negatives, args.subsample, rng)
     runs = {
-        path: train(batches, vocab, args.dim, args.learning_rate, args.seed, path == "sparse")
+        path: train_fn(batches, vocab, args.dim, args.learning_rate, args.seed, path == "sparse")
         for path in ("sparse", "dense")
     }
     sparse, dense = runs["sparse"].losses, runs["dense"].losses
@@ -336,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "max_loss_difference": max_difference,
         "vocab": vocab,
         "neighbours": neighbours,
+        "tables": {path: run.params for path, run in runs.items()},
     }
 
 

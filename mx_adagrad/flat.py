@@ -222,21 +222,7 @@ def fused_adagrad(
             cpu=lambda: native_step(params, grads, state, reference), default=lambda: reference
         )
 
-    alias.record(
-        tx,
-        learning_rate=learning_rate,
-        epsilon=epsilon,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        wd=wd,
-        lr_mult=lr_mult,
-        wd_mult=wd_mult,
-        begin_num_update=begin_num_update,
-        initial_accumulator_value=initial_accumulator_value,
-        multi_precision=multi_precision,
-        sparse_wd=sparse_wd,
-        native=native,
-    )
+    alias.record(tx, **alias.recorded(tx), native=native)  # adagrad recorded the rest
     return FusedAdaGrad(tx.init, step, tx)
 
 
