@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 8
@@ -102,3 +105,19 @@ def collectives(compiled) -> list[str]:
 def native_calls(compiled) -> list[str]:
     """The one-pass step kernel's custom calls in a compiled program's HLO."""
     return re.findall(r'custom_call_target="(mx_adagrad_step_\w+)"', compiled.as_text())
+
+
+def sharded_params(mesh: Mesh) -> dict[str, jax.Array]:
+    """float32 leaves split over both axes of a ("data", "model") mesh, over one, or replicated,
+    and a bfloat16 leaf."""
+    rng = np.random.default_rng(0)
+    specs = {
+        "kernel": ((16, 8), jnp.float32, P("data", "model")),
+        "rows": ((32, 4), jnp.float32, P("data")),
+        "bias": ((8,), jnp.float32, P()),
+        "half": ((8, 16), jnp.bfloat16, P(None, "model")),
+    }
+    return {
+        name: jax.device_put(jnp.asarray(rng.normal(size=shape), dtype), NamedSharding(mesh, spec))
+        for name, (shape, dtype, spec) in specs.items()
+    }

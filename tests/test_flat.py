@@ -16,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import mx_adagrad
 from mx_adagrad import _native, flat, lr_scheduler
@@ -360,21 +358,6 @@ SHARDED_CONFIGS = {
 }
 
 
-def sharded_params(mesh) -> dict:
-    """float32 leaves split over both axes, one axis, or replicated, and a bfloat16 leaf."""
-    rng = np.random.default_rng(0)
-    specs = {
-        "kernel": ((16, 8), jnp.float32, P("data", "model")),
-        "rows": ((32, 4), jnp.float32, P("data")),
-        "bias": ((8,), jnp.float32, P()),
-        "half": ((8, 16), jnp.bfloat16, P(None, "model")),
-    }
-    return {
-        name: jax.device_put(jnp.asarray(rng.normal(size=shape), dtype), NamedSharding(mesh, spec))
-        for name, (shape, dtype, spec) in specs.items()
-    }
-
-
 def param_mirrors(state) -> list[tuple[str, dict]]:
     """The state's histories and master copies: pytrees shaped like the params."""
     mirrors = [("history", optax.tree_utils.tree_get(state, "history"))]
@@ -388,7 +371,7 @@ def fused_step_keeps_shardings_adds_no_collectives_and_equals_one_device() -> No
     for mesh in eight_devices.meshes((4, 2), ("data", "model")):
         for name, config in SHARDED_CONFIGS.items():
             opt = flat.fused_adagrad(**{"learning_rate": 0.1, **config})
-            params = sharded_params(mesh)
+            params = eight_devices.sharded_params(mesh)
             grads = jax.tree.map(lambda p: (p * 3.0 - 0.5).astype(p.dtype), params)
             local_params, local_grads = jax.tree.map(np.asarray, (params, grads))
             state = opt.init(params)

@@ -30,89 +30,36 @@ What is checked:
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-import subprocess
 import sys
-import traceback
-from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mx_adagrad
 from mx_adagrad.sharding import sharded_row_lookup, sharded_row_update
+from tests import eight_devices
+from tests.eight_devices import DEVICES, collectives, meshes
 
-ROOT = Path(__file__).resolve().parent.parent
-DEVICES = 8
-CHECKS: dict[str, Callable[[], None]] = {}
-COLLECTIVE = re.compile(
-    r"\b(all-gather|all-reduce|all-to-all|collective-permute|collective-broadcast|reduce-scatter)"
-    r"(-start)?\("
-)
-
-
-def check(fn: Callable[[], None]) -> Callable[[], None]:
-    """Registers ``fn`` as a check to run in the 8-device child process."""
-    CHECKS[fn.__name__] = fn
-    return fn
+CHECKS = eight_devices.Checks("tests.test_sharding")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | None]:
-    """Runs every check once in a child process with 8 CPU devices; returns its report."""
-    path = tmp_path_factory.mktemp("sharding") / "report.json"
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    try:
-        child = subprocess.run(
-            [sys.executable, "-m", "tests.test_sharding", str(path)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"the {DEVICES}-device child process timed out after 120 s:\n{error.stderr}")
-    if child.returncode != 0 or not path.exists():
-        pytest.fail(
-            f"the {DEVICES}-device child process failed (exit {child.returncode}):\n"
-            f"{child.stdout}\n{child.stderr}"
-        )
-    return json.loads(path.read_text())
+    return CHECKS.report(tmp_path_factory.mktemp("sharding"), timeout=120)
 
 
-@pytest.mark.parametrize("name", CHECKS)
+@pytest.mark.parametrize("name", CHECKS.functions)
 def test_on_8_cpu_devices(report: dict[str, str | None], name: str) -> None:
-    assert name in report, f"the child process did not run {name}"
-    if report[name] is not None:
-        pytest.fail(f"{name} failed on {DEVICES} CPU devices:\n{report[name]}", pytrace=False)
+    eight_devices.assert_passed(report, name)
 
 
 # Everything below runs in the child process.
-
-
-def meshes(shape: tuple[int, ...], names: tuple[str, ...]):
-    """The same mesh with ``Explicit`` axes (``jax.make_mesh``'s default) and ``Auto`` axes."""
-    assert jax.device_count() == DEVICES, f"expected {DEVICES} devices, got {jax.devices()}"
-    for axis_type in (AxisType.Explicit, AxisType.Auto):
-        yield jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
-
-
-def collectives(compiled) -> list[str]:
-    """The collective operations of a compiled program's HLO."""
-    return [match.group(0) for match in COLLECTIVE.finditer(compiled.as_text())]
 
 
 def assert_trees_equal(actual, expected, what: str) -> None:
@@ -122,21 +69,6 @@ def assert_trees_equal(actual, expected, what: str) -> None:
         np.testing.assert_array_equal(
             np.asarray(a), np.asarray(e), err_msg=f"{what}{jax.tree_util.keystr(path)}"
         )
-
-
-def dense_params(mesh):
-    """A tree of float32 and bfloat16 leaves, split over both axes, one axis, or replicated."""
-    rng = np.random.default_rng(0)
-    specs = {
-        "kernel": ((16, 8), jnp.float32, P("data", "model")),
-        "rows": ((32, 4), jnp.float32, P("data")),
-        "bias": ((8,), jnp.float32, P()),
-        "half": ((8, 16), jnp.bfloat16, P(None, "model")),
-    }
-    return {
-        name: jax.device_put(jnp.asarray(rng.normal(size=shape), dtype), NamedSharding(mesh, spec))
-        for name, (shape, dtype, spec) in specs.items()
-    }
 
 
 DENSE_CONFIGS = {
@@ -159,10 +91,10 @@ def matching_param(path: str, params):
     return next(p for name, p in params.items() if path.endswith(f"['{name}']"))
 
 
-@check
+@CHECKS
 def init_gives_state_the_param_sharding() -> None:
     for mesh in meshes((4, 2), ("data", "model")):
-        params = dense_params(mesh)
+        params = eight_devices.sharded_params(mesh)
         for config in DENSE_CONFIGS.values():
             state = mx_adagrad.adagrad(0.1, **config).init(params)
             mirrored = param_shaped_state(state, params)
@@ -184,12 +116,12 @@ def dense_step(tx):
     return step
 
 
-@check
+@CHECKS
 def dense_step_keeps_shardings_adds_no_collectives_and_equals_one_device() -> None:
     for mesh in meshes((4, 2), ("data", "model")):
         for name, config in DENSE_CONFIGS.items():
             tx = mx_adagrad.adagrad(0.1, **config)
-            params = dense_params(mesh)
+            params = eight_devices.sharded_params(mesh)
             grads = jax.tree.map(lambda p: (p * 3.0 - 0.5).astype(p.dtype), params)
             local = {k: np.asarray(v) for k, v in params.items()}
             local_grads = {k: np.asarray(v) for k, v in grads.items()}
@@ -211,7 +143,7 @@ def dense_step_keeps_shardings_adds_no_collectives_and_equals_one_device() -> No
             assert_trees_equal(state, want_state, f"{name} state")
         # The detector's control: a global gradient norm needs an all-reduce over the shards.
         norm_tx = optax.chain(optax.clip_by_global_norm(1.0), mx_adagrad.adagrad(0.1))
-        params = dense_params(mesh)
+        params = eight_devices.sharded_params(mesh)
         compiled = dense_step(norm_tx).lower(params, norm_tx.init(params), params).compile()
         assert "all-reduce(" in collectives(compiled), collectives(compiled)
 
@@ -261,7 +193,7 @@ def train_step(tx, with_optimizer: bool = True):
 DP_RTOL, DP_ATOL = 1e-5, 1e-5
 
 
-@check
+@CHECKS
 def data_parallel_equals_one_device() -> None:
     tx = mx_adagrad.adagrad(0.1, wd=1e-4, clip_gradient=1.0)
     start, batches = mlp_data()
@@ -347,7 +279,7 @@ def single_device_sparse_step(tx):
     return step
 
 
-@check
+@CHECKS
 def row_sharded_update_equals_single_device_bitwise() -> None:
     rng = np.random.default_rng(2)
     batches = [lookups(rng) for _ in range(4)]
@@ -376,7 +308,7 @@ def row_sharded_update_equals_single_device_bitwise() -> None:
             assert_trees_equal(state, want_state, f"{name} state")
 
 
-@check
+@CHECKS
 def row_sharded_update_on_a_2d_mesh_with_the_batch_split() -> None:
     tx = mx_adagrad.adagrad(0.1, wd=0.01, clip_gradient=0.3)
     rng = np.random.default_rng(5)
@@ -404,7 +336,7 @@ def row_sharded_update_on_a_2d_mesh_with_the_batch_split() -> None:
         np.testing.assert_array_equal(np.asarray(rows), expected)
 
 
-@check
+@CHECKS
 def row_sharded_update_memory_is_one_shard_per_device() -> None:
     rows = 1 << 16  # 4 MiB per float32 table, 512 KiB per shard
     tx = mx_adagrad.adagrad(0.1, wd=0.01)
@@ -446,7 +378,7 @@ def sharded_embedding_step(mesh, table_tx, dense_tx):
     return step
 
 
-@check
+@CHECKS
 def sharded_lookup_equals_take_and_embedding_train_step_equals_one_device() -> None:
     rng = np.random.default_rng(4)
     start = rng.normal(size=(ROWS, DIM)).astype(np.float32)
@@ -492,7 +424,7 @@ def sharded_lookup_equals_take_and_embedding_train_step_equals_one_device() -> N
         np.testing.assert_allclose(np.asarray(w), want["w"], rtol=DP_RTOL, atol=DP_ATOL)
 
 
-@check
+@CHECKS
 def bad_tables_and_axes_are_value_errors() -> None:
     tx = mx_adagrad.adagrad(0.1)
     table, ids, values = jnp.zeros((12, 4)), jnp.zeros(3, jnp.int32), jnp.zeros((3, 4))
@@ -512,17 +444,5 @@ def bad_tables_and_axes_are_value_errors() -> None:
                 raise AssertionError(f"no ValueError: mx_adagrad.{start}")
 
 
-def run_checks(report_path: str) -> None:
-    """The child process: runs every check and writes ``{name: traceback or None}``."""
-    results = {}
-    for name, fn in CHECKS.items():
-        try:
-            fn()
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc()
-    Path(report_path).write_text(json.dumps(results, indent=2))
-
-
 if __name__ == "__main__":
-    run_checks(sys.argv[1])
+    CHECKS.main(sys.argv[1])
