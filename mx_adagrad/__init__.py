@@ -1,7 +1,8 @@
 """mx_adagrad: MXNet's AdaGrad as exact, composable, fused Optax gradient transformations."""
 
-from mx_adagrad import flat, legacy, lr_scheduler, mxnet_io, sparse
+from mx_adagrad import bags, flat, legacy, lr_scheduler, mxnet_io, sparse
 from mx_adagrad.alias import adagrad, rowwise_adagrad
+from mx_adagrad.bags import BagGrad, Bags, embedding_bag, value_and_bag_grad
 from mx_adagrad.compat import AdaGrad
 from mx_adagrad.precision import MultiPrecisionState, multi_precision
 from mx_adagrad.sparse import RowSparse, check_indices, value_and_row_grad
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaGrad",
+    "BagGrad",
+    "Bags",
     "MultiPrecisionState",
     "RowSparse",
     "ScaleByAdagradState",
@@ -30,8 +33,10 @@ __all__ = [
     "adagrad",
     "add_decayed_weights",
     "apply_updates",
+    "bags",
     "check_indices",
     "clip",
+    "embedding_bag",
     "flat",
     "legacy",
     "lr_scheduler",
@@ -43,5 +48,6 @@ __all__ = [
     "scale_by_rowwise_adagrad",
     "scale_by_schedule",
     "sparse",
+    "value_and_bag_grad",
     "value_and_row_grad",
 ]

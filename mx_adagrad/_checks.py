@@ -100,24 +100,37 @@ def leaf_paths(tree: Any) -> list[str]:
     Dict keys, attribute names and sequence indices are joined with ``"/"``:
     ``{"params": {"Dense_0": {"kernel": w}}}`` has the one path ``"params/Dense_0/kernel"``.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_row_sparse)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sparse)
     return ["/".join(_key_name(key) for key in path) for path, _ in flat]
 
 
-def is_row_sparse(x: Any) -> bool:
-    from mx_adagrad.sparse import RowSparse  # sparse imports this module
+class SparseLeaf:
+    """Base of the sparse gradient leaves (:class:`mx_adagrad.RowSparse`, :class:`mx_adagrad.BagGrad`):
+    pytree nodes that stand for one dense array of shape ``dense_shape``, taken whole by every
+    tree map of the package. Defined here, so that checks need not import the modules that
+    define the leaves."""
 
-    return isinstance(x, RowSparse)
+    dense_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape, so shape checks treat the leaf like the parameter it updates."""
+        return self.dense_shape
+
+
+def is_sparse(x: Any) -> bool:
+    """Whether ``x`` is one of the package's sparse gradient leaves."""
+    return isinstance(x, SparseLeaf)
 
 
 def structure(tree: Any) -> Any:
-    """The tree structure with every RowSparse gradient counted as one leaf."""
-    return jax.tree.structure(tree, is_leaf=is_row_sparse)
+    """The tree structure with every sparse gradient counted as one leaf."""
+    return jax.tree.structure(tree, is_leaf=is_sparse)
 
 
 def leaves(tree: Any) -> list[Any]:
-    """The leaves, with every RowSparse gradient counted as one leaf."""
-    return jax.tree.leaves(tree, is_leaf=is_row_sparse)
+    """The leaves, with every sparse gradient counted as one leaf."""
+    return jax.tree.leaves(tree, is_leaf=is_sparse)
 
 
 def same_structure(

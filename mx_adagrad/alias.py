@@ -134,6 +134,7 @@ def adagrad(
     )
     return record(
         tx,
+        "adagrad",
         learning_rate=learning_rate,
         epsilon=epsilon,
         rescale_grad=rescale_grad,
@@ -148,23 +149,27 @@ def adagrad(
     )
 
 
-# ``tx.update`` -> the keyword arguments of ``mx_adagrad.flat.fused_adagrad`` that build the same
-# transformation, for every ``adagrad(...)`` (and ``fused_adagrad(...).tx``). Weak keys: an entry
-# lives as long as its transformation.
-_ARGUMENTS: weakref.WeakKeyDictionary[Callable[..., Any], dict[str, Any]] = (
+# ``tx.update`` -> (its kind, the keyword arguments that build it) for every ``adagrad(...)`` and
+# ``rowwise_adagrad(...)`` (and the ``.tx`` of their one-pass forms): ``mx_adagrad.flat.one_pass``
+# builds the one-pass form of the same kind from them. Weak keys: an entry lives as long as its
+# transformation.
+_ARGUMENTS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[str, dict[str, Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def record(tx: optax.GradientTransformation, **arguments: Any) -> optax.GradientTransformation:
-    """Records that ``tx`` is ``fused_adagrad(**arguments).tx``; returns ``tx``."""
-    _ARGUMENTS[tx.update] = arguments
+def record(
+    tx: optax.GradientTransformation, kind: str, **arguments: Any
+) -> optax.GradientTransformation:
+    """Records that ``tx`` is the transformation of ``kind`` (``"adagrad"``,
+    ``"rowwise_adagrad"``) built from ``arguments``; returns ``tx``."""
+    _ARGUMENTS[tx.update] = (kind, arguments)
     return tx
 
 
-def recorded(tx: Any) -> dict[str, Any] | None:
-    """The arguments :func:`record` recorded for ``tx``, or None for any other transformation
-    (``mx_adagrad.flat.one_pass`` builds the one-pass step from them)."""
+def recorded(tx: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(kind, arguments)`` as :func:`record` recorded them for ``tx``, or None for any other
+    transformation."""
     try:
         return _ARGUMENTS.get(tx.update)
     except (AttributeError, TypeError):  # no update, or one that cannot be weakly referenced
@@ -229,7 +234,8 @@ def rowwise_adagrad(
       >>> state[3].history.shape                      # one accumulator per row
       (3,)
     """
-    return _mxnet2_chain(
+    learning_rate = resolve_learning_rate("rowwise_adagrad", learning_rate, lr_scheduler)
+    tx = _mxnet2_chain(
         "rowwise_adagrad",
         transforms.scale_by_rowwise_adagrad(epsilon, initial_accumulator_value),
         learning_rate,
@@ -238,8 +244,23 @@ def rowwise_adagrad(
         wd=wd,
         lr_mult=lr_mult,
         wd_mult=wd_mult,
-        lr_scheduler=lr_scheduler,
+        lr_scheduler=None,
         begin_num_update=begin_num_update,
+        multi_precision=multi_precision,
+        sparse_wd=sparse_wd,
+    )
+    return record(
+        tx,
+        "rowwise_adagrad",
+        learning_rate=learning_rate,
+        epsilon=epsilon,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        wd=wd,
+        lr_mult=lr_mult,
+        wd_mult=wd_mult,
+        begin_num_update=begin_num_update,
+        initial_accumulator_value=initial_accumulator_value,
         multi_precision=multi_precision,
         sparse_wd=sparse_wd,
     )

@@ -189,7 +189,7 @@ class Optimizer:
             self._update_count(index)
             lrs.append(self._get_lr(index))
             wds.append(self._get_wd(index))
-            if _checks.is_row_sparse(grad) and wds[-1] != 0.0:
+            if _checks.is_sparse(grad) and wds[-1] != 0.0:
                 _checks.fail(
                     self._where,
                     f"wd for the row_sparse gradient of index {index!r}",

@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -51,19 +52,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mx_adagrad import _checks, _native, alias, multipliers, transforms
+from mx_adagrad.bags import BagGrad
 from mx_adagrad.lr_scheduler import LRScheduler
 from mx_adagrad.precision import MultiPrecisionState
-from mx_adagrad.transforms import ScaleByAdagradState
 from mx_adagrad.updates import apply_updates
 
 
 class FusedAdaGrad(NamedTuple):
-    """What :func:`fused_adagrad` returns.
+    """What :func:`fused_adagrad` and :func:`fused_rowwise_adagrad` return.
 
     Attributes:
       init: ``init(params) -> state``, the ``init`` of ``tx``.
       step: ``step(params, grads, state) -> (params, state)``, one update applied.
-      tx: the equivalent ``mx_adagrad.adagrad`` transformation (same arguments, same state).
+      tx: the equivalent transformation (``mx_adagrad.adagrad`` or ``rowwise_adagrad`` of the
+        same arguments, same state).
     """
 
     init: Callable[[optax.Params], optax.OptState]
@@ -98,21 +100,29 @@ def fused_adagrad(
 
     The arguments are those of :func:`mx_adagrad.adagrad` (same names, defaults and checks),
     plus ``native``. Call ``step`` inside ``jax.jit`` with params and state donated, so the step
-    writes in place. On the CPU backend, with ``native=True`` and the kernel available
-    (:mod:`mx_adagrad._native` builds it on first use), the dense float32 leaves, and with
-    ``multi_precision`` the float16/bfloat16 leaves with float32 gradients of their dtype, are
-    updated by one native call that reads weight, gradient and history once and writes weight and
-    history once (20 bytes per float32 parameter; XLA's two loops move 32). Every other leaf
-    (RowSparse gradients, float64, float16 without ``multi_precision``) and every other backend
-    runs the XLA program of ``tx``. ``optax.inject_hyperparams`` does not apply here: use ``tx``
-    for traced hyperparameters.
+    writes in place. On the CPU backend, with ``native=True`` and the kernels available
+    (:mod:`mx_adagrad._native` builds them on first use):
 
-    Sharded parameters: the native call is partitioned like an elementwise operation
+    * the dense float32 leaves, and with ``multi_precision`` the float16/bfloat16 leaves with
+      float32 gradients of their dtype, are updated by one native call that reads weight,
+      gradient and history once and writes weight and history once (20 bytes per float32
+      parameter; XLA's two loops move 32);
+    * the float32 tables with a :class:`~mx_adagrad.RowSparse` or :class:`~mx_adagrad.BagGrad`
+      gradient, all of them in one native call, have their terms summed per touched row and
+      those rows updated in place: neither the coalesced rows nor (for a BagGrad) a row per
+      lookup is formed.
+
+    Every other leaf (float64, float16 without ``multi_precision``, sparse gradients with
+    ``multi_precision``) and every other backend runs the XLA program of ``tx``.
+    ``optax.inject_hyperparams`` does not apply here: use ``tx`` for traced hyperparameters.
+
+    Sharded parameters: the dense native call is partitioned like an elementwise operation
     (``jax.experimental.custom_partitioning`` with a Shardy rule that maps every leaf's
     operands and results to the same factors). Under ``jax.jit`` with parameters placed with
     ``NamedSharding`` (``Explicit`` or ``Auto`` mesh axes), each device runs the kernel on its
     own shards: the step compiles to no collective operation and keeps every sharding, and its
-    bits are those of the one-device step.
+    bits are those of the one-device step. Sparse gradients of tables placed over a mesh take
+    the XLA program (inside ``jax.shard_map`` each device's call is native again).
 
     Args:
       learning_rate: as in :func:`mx_adagrad.adagrad`.
@@ -127,89 +137,127 @@ def fused_adagrad(
       initial_accumulator_value: as in :func:`mx_adagrad.adagrad`.
       multi_precision: as in :func:`mx_adagrad.adagrad`.
       sparse_wd: as in :func:`mx_adagrad.adagrad`.
-      native: use the native kernel on CPU when it is available; False: always the XLA program.
+      native: use the native kernels on CPU when they are available; False: always the XLA
+        program.
 
     Returns:
       A :class:`FusedAdaGrad` ``(init, step, tx)``.
     """
-    if not isinstance(native, bool):
-        _checks.fail("fused_adagrad", "native", "a bool", native)
-    learning_rate = alias.resolve_learning_rate("fused_adagrad", learning_rate, lr_scheduler)
-    tx = alias.adagrad(
-        learning_rate,
-        epsilon,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        wd=wd,
-        lr_mult=lr_mult,
-        wd_mult=wd_mult,
-        begin_num_update=begin_num_update,
-        initial_accumulator_value=initial_accumulator_value,
-        multi_precision=multi_precision,
-        sparse_wd=sparse_wd,
-    )
+    return _one_pass_form(_ELEMENTWISE, native, **_arguments(locals()))
 
-    def native_step(params, grads, state, reference):
-        """The reference step with every eligible leaf replaced by the native kernel's result."""
-        new_params, new_state = reference
-        inner, new_inner = (
-            (state.inner_state, new_state.inner_state) if multi_precision else (state, new_state)
-        )
-        history = inner[3].history
-        master = state.master if multi_precision else jax.tree.map(lambda _: None, params)
-        working = jax.tree.map(lambda p, m: p if m is None else m, params, master, is_leaf=_none)
-        lr = transforms.learning_rate_at(learning_rate, inner[4].count, begin_num_update)
-        # As scale_by_schedule and add_decayed_weights resolve them (same trees, same order).
-        lr_mults = multipliers.resolve("scale_by_schedule", "lr_mult", lr_mult, history)
-        wd_mults = multipliers.resolve("add_decayed_weights", "wd_mult", wd_mult, working)
-        # One (param, grad, history, master, lr_mult, wd_mult) per leaf; a RowSparse is one leaf.
-        leaves = list(
-            zip(
-                *(
-                    jax.tree.leaves(tree, is_leaf=_none_or_row_sparse)
-                    for tree in (params, grads, history, master, lr_mults, wd_mults)
-                )
-            )
-        )
-        out_params = jax.tree.leaves(new_params)
-        out_history = jax.tree.leaves(new_inner[3].history)
-        out_master = jax.tree.leaves(new_state.master, is_leaf=_none) if multi_precision else []
-        groups: dict[jnp.dtype, list[int]] = {}
-        for i, leaf in enumerate(leaves):
-            if _eligible(*leaf[:4]):
-                groups.setdefault(jnp.dtype(leaf[0].dtype), []).append(i)
-        for dtype, indices in groups.items():
-            weight, grad, hist, mast, lr_m, wd_m = zip(*(leaves[i] for i in indices))
-            with_master = mast[0] is not None
-            weights, masters, histories = _partitioned_native_step(
-                _native.hyper_array(dtype, rescale_grad, clip_gradient, epsilon),
-                _coefficients(lr, wd, lr_m, wd_m),
-                weight,
-                grad,
-                mast if with_master else None,
-                hist,
-            )
-            for k, i in enumerate(indices):
-                out_params[i], out_history[i] = weights[k], histories[k]
-                if with_master:
-                    out_master[i] = masters[k]
-        for i, (weight, grad, hist, mast, lr_m, wd_m) in enumerate(leaves):
-            if _sparse_eligible(weight, grad, hist, mast):
-                out_params[i], out_history[i] = _native.sparse_step(
-                    _native.hyper_array(jnp.float32, rescale_grad, clip_gradient, epsilon),
-                    _coefficients(lr, wd, [lr_m], [wd_m])[0],
-                    grad.indices,
-                    grad.values,
-                    weight,
-                    hist,
-                )
-        treedef = jax.tree.structure(params)
-        history_state = ScaleByAdagradState(jax.tree.unflatten(treedef, out_history))
-        new_inner = (*new_inner[:3], history_state, *new_inner[4:])
-        new_params = jax.tree.unflatten(treedef, out_params)
-        if not multi_precision:
-            return new_params, new_inner
-        return new_params, MultiPrecisionState(jax.tree.unflatten(treedef, out_master), new_inner)
+
+def fused_rowwise_adagrad(
+    learning_rate: transforms.LearningRate | None = 0.01,
+    epsilon: chex.Numeric = 1e-6,
+    *,
+    rescale_grad: chex.Numeric = 1.0,
+    clip_gradient: chex.Numeric | None = None,
+    wd: chex.Numeric = 0.0,
+    lr_mult: multipliers.MultiplierSpec = None,
+    wd_mult: multipliers.MultiplierSpec = None,
+    lr_scheduler: LRScheduler | None = None,
+    begin_num_update: int = 0,
+    initial_accumulator_value: chex.Numeric = 0.0,
+    multi_precision: bool = False,
+    sparse_wd: str = "lazy",
+    native: bool = True,
+) -> FusedAdaGrad:
+    """``mx_adagrad.rowwise_adagrad`` with update and apply fused into one ``step`` call.
+
+    ::
+
+        params, state = opt.step(params, grads, state)
+        # equals (see below for the last bits)
+        updates, state = opt.tx.update(grads, state, params)
+        params = mx_adagrad.apply_updates(params, updates)
+
+    As :func:`fused_adagrad`, for row-wise AdaGrad: on the CPU backend the dense float32 leaves
+    of two or more axes are updated by one native call that reads each row once (its gradient,
+    its mean square, its update), the float32 tables with RowSparse or BagGrad gradients by one
+    native call for all of them, and the leaves of fewer axes (element-wise histories) by the
+    element-wise kernel; everything else runs the XLA program of ``tx``. The kernels sum a row's
+    squares in the order XLA CPU does (16 lanes, then halving), so the step is bitwise ``tx``'s
+    with the pinned jaxlib (``tests/xla_bits.py``; within 1 ulp on another).
+
+    Args:
+      learning_rate: as in :func:`mx_adagrad.rowwise_adagrad`.
+      epsilon: as in :func:`mx_adagrad.rowwise_adagrad`.
+      rescale_grad: as in :func:`mx_adagrad.rowwise_adagrad`.
+      clip_gradient: as in :func:`mx_adagrad.rowwise_adagrad`.
+      wd: as in :func:`mx_adagrad.rowwise_adagrad`.
+      lr_mult: as in :func:`mx_adagrad.rowwise_adagrad`.
+      wd_mult: as in :func:`mx_adagrad.rowwise_adagrad`.
+      lr_scheduler: as in :func:`mx_adagrad.rowwise_adagrad`.
+      begin_num_update: as in :func:`mx_adagrad.rowwise_adagrad`.
+      initial_accumulator_value: as in :func:`mx_adagrad.rowwise_adagrad`.
+      multi_precision: as in :func:`mx_adagrad.rowwise_adagrad` (float16/bfloat16 tables then
+        take the XLA program).
+      sparse_wd: as in :func:`mx_adagrad.rowwise_adagrad`.
+      native: use the native kernels on CPU when they are available; False: always the XLA
+        program.
+
+    Returns:
+      A :class:`FusedAdaGrad` ``(init, step, tx)``.
+    """
+    return _one_pass_form(_ROWWISE, native, **_arguments(locals()))
+
+
+def one_pass(tx: Any) -> FusedAdaGrad | None:
+    """The one-pass form of ``tx``, or None when it has none.
+
+    ``tx`` itself when it is a :class:`FusedAdaGrad`; :func:`fused_adagrad` or
+    :func:`fused_rowwise_adagrad` of the same arguments when ``tx`` is what
+    ``mx_adagrad.adagrad(...)`` or ``mx_adagrad.rowwise_adagrad(...)`` returned (or the ``.tx``
+    of a :class:`FusedAdaGrad`); None for any other transformation (``legacy.adagrad``,
+    optax's). The result's ``step`` equals ``tx.update`` followed by
+    ``mx_adagrad.apply_updates``, with the same state.
+    """
+    if isinstance(tx, FusedAdaGrad):
+        return tx
+    found = alias.recorded(tx)
+    if found is None:
+        return None
+    kind, arguments = found
+    return _VARIANTS[kind].build(**arguments)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Variant:
+    """A one-pass form: the transformation it equals and what its kernels compute.
+
+    Attributes:
+      kind: the name ``alias.record`` files the transformation under.
+      transformation: builds the transformation from the arguments.
+      build: builds the one-pass form from the same arguments (and ``native``).
+      rowwise: one history number per row of the leaves of two or more axes.
+    """
+
+    kind: str
+    transformation: Callable[..., optax.GradientTransformation]
+    build: Callable[..., FusedAdaGrad]
+    rowwise: bool
+
+
+_ELEMENTWISE = _Variant("adagrad", alias.adagrad, fused_adagrad, rowwise=False)
+_ROWWISE = _Variant("rowwise_adagrad", alias.rowwise_adagrad, fused_rowwise_adagrad, rowwise=True)
+_VARIANTS = {v.kind: v for v in (_ELEMENTWISE, _ROWWISE)}
+
+
+def _arguments(given: dict[str, Any]) -> dict[str, Any]:
+    """A builder's arguments, without ``native``."""
+    return {k: v for k, v in given.items() if k != "native"}
+
+
+def _one_pass_form(variant: _Variant, native: bool, **arguments: Any) -> FusedAdaGrad:
+    """The :class:`FusedAdaGrad` of ``variant`` for its transformation's ``arguments``."""
+    where = variant.build.__name__
+    if not isinstance(native, bool):
+        _checks.fail(where, "native", "a bool", native)
+    learning_rate = alias.resolve_learning_rate(
+        where, arguments.pop("learning_rate"), arguments.pop("lr_scheduler")
+    )
+    tx = variant.transformation(learning_rate, **arguments)
+    arguments["learning_rate"] = learning_rate
 
     def step(params, grads, state):
         updates, new_state = tx.update(grads, state, params)
@@ -217,28 +265,118 @@ def fused_adagrad(
         if not native or not _native.load():
             return reference
         # Lowered for CPU, only the native branch is compiled, and XLA drops the reference's
-        # computations for the leaves the kernel replaced; elsewhere only the reference is.
+        # computations for the leaves the kernels replaced; elsewhere only the reference is.
         return jax.lax.platform_dependent(
-            cpu=lambda: native_step(params, grads, state, reference), default=lambda: reference
+            cpu=lambda: _native_step(variant, arguments, params, grads, state, reference),
+            default=lambda: reference,
         )
 
-    alias.record(tx, **alias.recorded(tx), native=native)  # adagrad recorded the rest
+    alias.record(tx, variant.kind, **arguments, native=native)
     return FusedAdaGrad(tx.init, step, tx)
 
 
-def one_pass(tx: Any) -> FusedAdaGrad | None:
-    """The one-pass form of ``tx``, or None when it has none.
+class _Leaf(NamedTuple):
+    """One leaf of the step (a sparse gradient is one leaf)."""
 
-    ``tx`` itself when it is a :class:`FusedAdaGrad`; ``fused_adagrad(...)`` of the same
-    arguments when ``tx`` is what ``mx_adagrad.adagrad(...)`` returned (or the ``.tx`` of a
-    :class:`FusedAdaGrad`); None for any other transformation (``legacy.adagrad``,
-    ``rowwise_adagrad``, optax's). The result's ``step`` is bitwise ``tx.update`` followed by
-    ``mx_adagrad.apply_updates``, with the same state.
-    """
-    if isinstance(tx, FusedAdaGrad):
-        return tx
-    arguments = alias.recorded(tx)
-    return None if arguments is None else fused_adagrad(**arguments)
+    param: Any
+    grad: Any
+    history: Any
+    master: Any
+    lr_mult: Any
+    wd_mult: Any
+
+
+def _native_step(variant, arguments, params, grads, state, reference):
+    """The reference step with every leaf that a kernel can update replaced by its result."""
+    multi_precision = arguments["multi_precision"]
+    new_params, new_state = reference
+    inner, new_inner = (
+        (state.inner_state, new_state.inner_state) if multi_precision else (state, new_state)
+    )
+    history = inner[3].history
+    master = state.master if multi_precision else jax.tree.map(lambda _: None, params)
+    working = jax.tree.map(lambda p, m: p if m is None else m, params, master, is_leaf=_none)
+    lr = transforms.learning_rate_at(
+        arguments["learning_rate"], inner[4].count, arguments["begin_num_update"]
+    )
+    # As scale_by_schedule and add_decayed_weights resolve them (same trees, same order).
+    lr_mults = multipliers.resolve("scale_by_schedule", "lr_mult", arguments["lr_mult"], history)
+    wd_mults = multipliers.resolve("add_decayed_weights", "wd_mult", arguments["wd_mult"], working)
+    leaves = [
+        _Leaf(*leaf)
+        for leaf in zip(
+            *(
+                jax.tree.leaves(tree, is_leaf=_none_or_sparse)
+                for tree in (params, grads, history, master, lr_mults, wd_mults)
+            )
+        )
+    ]
+    out_params = jax.tree.leaves(new_params)
+    out_history = jax.tree.leaves(new_inner[3].history)
+    out_master = jax.tree.leaves(new_state.master, is_leaf=_none) if multi_precision else []
+    hyper = functools.partial(
+        _native.hyper_array,
+        rescale_grad=arguments["rescale_grad"],
+        clip_gradient=arguments["clip_gradient"],
+        epsilon=arguments["epsilon"],
+    )
+    wd = arguments["wd"]
+    dense: dict[tuple[jnp.dtype, bool], list[int]] = {}
+    tables: dict[bool, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if _dense_eligible(leaf, variant.rowwise):
+            dense.setdefault((jnp.dtype(leaf.param.dtype), _rowwise(leaf)), []).append(i)
+        elif _sparse_eligible(leaf):
+            tables.setdefault(_rowwise(leaf), []).append(i)
+    for (dtype, rowwise), indices in dense.items():
+        group = [leaves[i] for i in indices]
+        with_master = group[0].master is not None
+        weights, masters, histories = _partitioned_native_step(
+            hyper(dtype),
+            _coefficients(lr, wd, [x.lr_mult for x in group], [x.wd_mult for x in group]),
+            [x.param for x in group],
+            [x.grad for x in group],
+            [x.master for x in group] if with_master else None,
+            [x.history for x in group],
+            rowwise,
+        )
+        for k, i in enumerate(indices):
+            out_params[i], out_history[i] = weights[k], histories[k]
+            if with_master:
+                out_master[i] = masters[k]
+    for rowwise, indices in tables.items():
+        group = [leaves[i] for i in indices]
+        coef = _coefficients(lr, wd, [x.lr_mult for x in group], [x.wd_mult for x in group])
+        decays = [_checks.concrete_float(wd * x.wd_mult) != 0.0 for x in group]
+        coef = jnp.concatenate([coef, jnp.asarray(decays, jnp.float32)[:, None]], axis=1)
+        stepped = _native.sparse_step(
+            hyper(jnp.float32), coef, [_table_operands(x) for x in group], rowwise
+        )
+        for i, (weight, hist) in zip(indices, stepped):
+            out_params[i], out_history[i] = weight, hist
+    treedef = jax.tree.structure(params)
+    history_state = inner[3]._replace(history=jax.tree.unflatten(treedef, out_history))
+    new_inner = (*new_inner[:3], history_state, *new_inner[4:])
+    new_params = jax.tree.unflatten(treedef, out_params)
+    if not multi_precision:
+        return new_params, new_inner
+    return new_params, MultiPrecisionState(jax.tree.unflatten(treedef, out_master), new_inner)
+
+
+def _table_operands(leaf: _Leaf) -> tuple[jax.Array, ...]:
+    """``(ids, bag, scale, values, weight, history)`` of a sparse leaf for ``_native.sparse_step``."""
+    grad = leaf.grad
+    if isinstance(grad, BagGrad):
+        terms = (grad.indices, grad.bag, grad.scale, grad.bag_grads)
+    else:
+        empty = jnp.zeros(0, jnp.int32), jnp.zeros(0, jnp.float32)
+        terms = (grad.indices, *empty, grad.values)
+    return (*terms, leaf.param, leaf.history)
+
+
+def _rowwise(leaf: _Leaf) -> bool:
+    """Whether the leaf's history is one number per row (else one per element)."""
+    return np.shape(leaf.history) != np.shape(leaf.param)
 
 
 def _partitioned_native_step(
@@ -248,67 +386,74 @@ def _partitioned_native_step(
     grads: Sequence[jax.Array],
     masters: Sequence[jax.Array] | None,
     histories: Sequence[jax.Array],
+    rowwise: bool,
 ) -> tuple[list[jax.Array], list[jax.Array] | None, list[jax.Array]]:
     """``_native.step`` with a sharding rule: elementwise, so each device steps its shards.
 
     The kernel's operands are ``hyper``, ``coef`` (both replicated), then per leaf ``weight,
     grad, [master,] history``; its results per leaf ``weight, [master,] history``. The Shardy rule
-    gives all of a leaf's operands and results one factor per dimension (passthrough: any
-    sharding of the weight is kept), and ``hyper`` and ``coef`` factors that need replication;
-    the partition callback shards every operand of a leaf like its weight and runs the
-    unpartitioned kernel on the local shards. On one device the kernel is called as it is.
+    gives all of a leaf's operands and results one factor per dimension of the weight (a row-wise
+    history has the first only: passthrough, so any sharding of the weight is kept), and
+    ``hyper`` and ``coef`` factors that need replication; the partition callback shards every
+    operand of a leaf like its weight and runs the unpartitioned kernel on the local shards. On
+    one device the kernel is called as it is.
     """
     columns = [list(weights), list(grads), *([list(masters)] if masters is not None else [])]
     columns.append(list(histories))
     width, count = len(columns), len(weights)
+    operands = [x for leaf in zip(*columns) for x in leaf]
+    # Each result aliases an operand: weight, [master,] history of its leaf.
+    aliased = [operands[i * width + k] for i in range(count) for k in (0, *range(2, width))]
 
     def kernel(hyper, coef, *operands):
         local = [list(operands[k::width]) for k in range(width)]
         out = _native.step(
-            hyper, coef, local[0], local[1], local[2] if width == 4 else None, local[-1]
+            hyper, coef, local[0], local[1], local[2] if width == 4 else None, local[-1], rowwise
         )
         return tuple(x for leaf in zip(*(o for o in out if o is not None)) for x in leaf)
 
-    def leaf_shardings(arg_shapes):
-        return [arg_shapes[2 + i * width].sharding for i in range(count)]
+    def like_weight(arg_shapes, mesh, shapes):
+        """Per array of ``shapes``: its leaf's weight sharding, cut to its number of axes."""
+        weight_specs = [arg_shapes[2 + i * width].sharding.spec for i in range(count)]
+        per_leaf = len(shapes) // count
+        return tuple(
+            NamedSharding(mesh, P(*weight_specs[j // per_leaf][: len(s.shape)]))
+            for j, s in enumerate(shapes)
+        )
 
     def infer(mesh, arg_shapes, result_shape):  # GSPMD (when Shardy is turned off)
-        return tuple(s for s in leaf_shardings(arg_shapes) for _ in range(width - 1))
+        return like_weight(arg_shapes, mesh, result_shape)
 
     def partition(mesh, arg_shapes, result_shape):
-        shardings = leaf_shardings(arg_shapes)
         replicated = NamedSharding(mesh, P())
-        operands = (replicated, replicated, *(s for s in shardings for _ in range(width)))
-        results = tuple(s for s in shardings for _ in range(width - 1))
-        return mesh, kernel, results, operands
+        leaf_operands = like_weight(arg_shapes, mesh, arg_shapes[2:])
+        results = like_weight(arg_shapes, mesh, result_shape)
+        return mesh, kernel, results, (replicated, replicated, *leaf_operands)
 
     def rule(mesh, operand_types, result_types):
-        leaves = [
-            ArrayMapping(*(f"leaf{i}_{d}" for d in range(w.ndim))) for i, w in enumerate(weights)
-        ]
+        def mapping(i, x):
+            return ArrayMapping(*(f"leaf{i}_{d}" for d in range(np.ndim(x))))
+
+        leaf_operands = [mapping(i // width, x) for i, x in enumerate(operands)]
         return SdyShardingRule(
-            (
-                ArrayMapping("hyper"),
-                ArrayMapping("leaf", "column"),
-                *(m for m in leaves for _ in range(width)),
-            ),
-            tuple(m for m in leaves for _ in range(width - 1)),
+            (ArrayMapping("hyper"), ArrayMapping("leaf", "column"), *leaf_operands),
+            tuple(mapping(i // (width - 1), x) for i, x in enumerate(aliased)),
             need_replication_factors=("hyper", "leaf", "column"),
         )
 
     partitioned = custom_partitioning(kernel)
     partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
-    results = partitioned(hyper, coef, *(x for leaf in zip(*columns) for x in leaf))
+    results = partitioned(hyper, coef, *operands)
     # Typed like their inputs: under Explicit mesh axes the sharding is part of the type.
-    results = [_typed_like(x, columns[0][i // (width - 1)]) for i, x in enumerate(results)]
+    results = [_typed_like(x, like) for x, like in zip(results, aliased)]
     by_output = [results[j :: width - 1] for j in range(width - 1)]
     return by_output[0], by_output[1] if masters is not None else None, by_output[-1]
 
 
-def _typed_like(result: jax.Array, weight: jax.Array) -> jax.Array:
-    """``result`` with the sharding type of ``weight`` where that type names mesh axes
+def _typed_like(result: jax.Array, operand: jax.Array) -> jax.Array:
+    """``result`` with the sharding type of ``operand`` where that type names mesh axes
     (``Explicit`` axes); the data already has that sharding, so this moves nothing."""
-    want = jax.typeof(weight).sharding
+    want = jax.typeof(operand).sharding
     if all(axis is None for axis in want.spec) or jax.typeof(result).sharding.spec == want.spec:
         return result
     return jax.sharding.reshard(result, want)
@@ -344,36 +489,56 @@ def _none(x: Any) -> bool:
     return x is None
 
 
-def _none_or_row_sparse(x: Any) -> bool:
-    return x is None or _checks.is_row_sparse(x)
+def _none(x: Any) -> bool:
+    return x is None
 
 
-def _eligible(param: Any, grad: Any, history: Any, master: Any) -> bool:
-    """Whether the native kernel updates this leaf (else the XLA program does)."""
-    if _checks.is_row_sparse(grad) or not hasattr(grad, "dtype") or grad.dtype != param.dtype:
+def _none_or_sparse(x: Any) -> bool:
+    return x is None or _checks.is_sparse(x)
+
+
+def _dense_eligible(leaf: _Leaf, rowwise_variant: bool) -> bool:
+    """Whether a dense kernel updates this leaf (else the XLA program does): the element-wise
+    kernel where the history is element-wise (also the leaves of fewer than two axes of a
+    row-wise variant), the row-wise kernel for float32 leaves of two or more axes."""
+    param, grad, history, master = leaf.param, leaf.grad, leaf.history, leaf.master
+    if _checks.is_sparse(grad) or not hasattr(grad, "dtype") or grad.dtype != param.dtype:
         return False
     if np.shape(grad) != np.shape(param) or np.size(param) == 0:
         return False
     if jnp.dtype(history.dtype) != jnp.float32:
         return False
+    if _rowwise(leaf):
+        rows = np.shape(param)[:1]
+        return (
+            rowwise_variant
+            and master is None
+            and np.ndim(param) >= 2
+            and (np.shape(history) == rows and jnp.dtype(param.dtype) == jnp.float32)
+        )
     if master is None:
         return jnp.dtype(param.dtype) == jnp.float32
     return jnp.dtype(param.dtype) in _native.TARGETS
 
 
-def _sparse_eligible(param: Any, grad: Any, history: Any, master: Any) -> bool:
-    """Whether the sparse kernel updates this leaf: a RowSparse gradient of a float32 table with
-    an element-wise history, whole on each device (the kernel has no sharding rule)."""
-    if not _checks.is_row_sparse(grad) or master is not None:
+def _sparse_eligible(leaf: _Leaf) -> bool:
+    """Whether the sparse kernel updates this leaf: a RowSparse or BagGrad gradient of a float32
+    table (no master copy), whole on each device (the kernel has no sharding rule)."""
+    param, grad = leaf.param, leaf.grad
+    if not _checks.is_sparse(grad) or leaf.master is not None:
         return False
     if grad.dense_shape != np.shape(param) or np.ndim(param) < 1 or np.size(param) == 0:
         return False
-    if np.shape(history) != np.shape(param) or grad.indices.shape[0] == 0:
+    if grad.indices.shape[0] == 0:
         return False
-    dtypes = (param.dtype, grad.values.dtype, history.dtype)
-    if any(jnp.dtype(d) != jnp.float32 for d in dtypes):
+    if _rowwise(leaf) and (np.ndim(param) < 2 or np.shape(leaf.history) != np.shape(param)[:1]):
         return False
-    return _native.local(param, history, grad.indices, grad.values)
+    operands = _table_operands(leaf)
+    if any(jnp.dtype(x.dtype) != jnp.float32 for x in (*operands[2:], param)):
+        return False
+    if jnp.dtype(grad.indices.dtype) not in (jnp.dtype(jnp.int32), jnp.dtype(jnp.int64)):
+        return False
+    return _native.local(*operands)
 
 
 @dataclasses.dataclass(frozen=True)

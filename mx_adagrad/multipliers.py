@@ -67,9 +67,9 @@ def resolve(where: str, name: str, spec: MultiplierSpec, tree: chex.ArrayTree) -
         # A RowSparse gradient stands in as its dense shape and dtype (what the callable reads).
         spec = spec(
             jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if _checks.is_row_sparse(x) else x,
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if _checks.is_sparse(x) else x,
                 tree,
-                is_leaf=_checks.is_row_sparse,
+                is_leaf=_checks.is_sparse,
             )
         )
     if jax.tree.structure(spec) == structure:

@@ -41,7 +41,7 @@ from mx_adagrad import _checks, _native
 
 
 @jax.tree_util.register_pytree_node_class
-class RowSparse:
+class RowSparse(_checks.SparseLeaf):
     """A gradient (or update) that is zero outside the rows ``indices``.
 
     ``dense = zeros(dense_shape); dense[indices[i]] += values[i]`` for every ``i``.
@@ -105,11 +105,6 @@ class RowSparse:
         return sparse
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """The dense shape, so shape checks treat a RowSparse like the parameter it updates."""
-        return self.dense_shape
-
-    @property
     def dtype(self):
         return self.values.dtype
 
@@ -120,7 +115,7 @@ class RowSparse:
     def todense(self) -> jax.Array:
         """The dense array (for tests and small tables; it materializes ``dense_shape``)."""
         zeros = jnp.zeros(self.dense_shape, self.values.dtype)
-        return zeros.at[self.indices].add(self.values, mode="drop")
+        return zeros.at[padded(self.indices, self.dense_shape[0])].add(self.values, mode="drop")
 
     def __repr__(self) -> str:
         return (
@@ -139,7 +134,7 @@ def _check_concrete_indices(where: str, name: str, indices: chex.Array, num_rows
         _checks.fail(where, name, f"row ids in [0, {num_rows})", _checks.shown(f"id {int(bad[0])}"))
 
 
-def coalesce(grad: RowSparse) -> RowSparse:
+def coalesce(grad: _checks.SparseLeaf) -> RowSparse:
     """Sorts the ids and sums duplicate rows (a segment-sum), keeping the static slot count.
 
     ::
@@ -151,8 +146,11 @@ def coalesce(grad: RowSparse) -> RowSparse:
     reduction in the order of the positions, so the same input gives bitwise the same output. On
     the CPU backend, float32 rows are summed by a native kernel (:mod:`mx_adagrad._native`) that
     computes the same bits as the XLA program below, without its sort. A RowSparse that is already
-    coalesced is returned as is.
+    coalesced is returned as is; a :class:`~mx_adagrad.BagGrad` is summed by its own
+    ``coalesce`` (the same rows as coalescing its expanded RowSparse).
     """
+    if not isinstance(grad, RowSparse):
+        return grad.coalesce()
     if grad.unique:
         return grad
     num_rows = grad.dense_shape[0]
@@ -178,6 +176,13 @@ def _native_on_cpu(
     return xla(*args)
 
 
+def padded(ids: chex.Array, num_rows: int) -> chex.Array:
+    """``ids`` with every id outside ``[0, num_rows)`` replaced by ``num_rows``, so that XLA's
+    gathers (``mode="fill"``) and scatters (``mode="drop"``) skip it: they count a negative index
+    from the end."""
+    return jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)
+
+
 def _coalesce_xla(
     indices: chex.Array, values: chex.Array, num_rows: int
 ) -> tuple[chex.Array, chex.Array]:
@@ -189,7 +194,7 @@ def _coalesce_xla(
     """
     n = indices.shape[0]
     valid = (indices >= 0) & (indices < num_rows)
-    indices = jnp.where(valid, indices, num_rows)
+    indices = padded(indices, num_rows)
     ordered = jnp.sort(indices)
     first = jnp.concatenate([jnp.ones(min(n, 1), bool), ordered[1:] != ordered[:-1]])
     ids = jnp.full(n, num_rows, indices.dtype).at[jnp.cumsum(first) - 1].set(ordered)
@@ -222,7 +227,9 @@ def take_rows(table: chex.Array, ids: chex.Array) -> chex.Array:
     flat = jnp.reshape(ids, -1)
     rows = _native_on_cpu(
         _native.gather_rows,
-        lambda table, ids: jnp.take(table, ids, axis=0, mode="fill", fill_value=0),
+        lambda table, ids: jnp.take(
+            table, padded(ids, jnp.shape(table)[0]), axis=0, mode="fill", fill_value=0
+        ),
         table,
         flat,
         eligible=jnp.ndim(table) >= 1
@@ -273,7 +280,7 @@ def add(dense: chex.Array, update: RowSparse) -> chex.Array:
 def on_rows(fn: Callable[..., chex.Array], grad: Any, *dense: chex.Array) -> Any:
     """Applies the elementwise ``fn(grad, *dense)`` to a dense leaf, or to the summed rows of a
     RowSparse leaf (with each of ``dense`` gathered at its rows), returning the same kind."""
-    if not _checks.is_row_sparse(grad):
+    if not _checks.is_sparse(grad):
         return fn(grad, *dense)
     grad = coalesce(grad)
     return grad.replace_values(fn(grad.values, *(gather(d, grad) for d in dense)))
@@ -281,7 +288,7 @@ def on_rows(fn: Callable[..., chex.Array], grad: Any, *dense: chex.Array) -> Any
 
 def map_leaves(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
     """``jax.tree.map`` over ``updates`` with each RowSparse taken whole, as one leaf."""
-    return jax.tree.map(fn, updates, *rest, is_leaf=_checks.is_row_sparse)
+    return jax.tree.map(fn, updates, *rest, is_leaf=_checks.is_sparse)
 
 
 _HUGE_PAGE = 1 << 21
@@ -338,7 +345,7 @@ def check_indices(grads: Any) -> None:
         error.throw()   # ValueError naming the leaf and the offending id
     """
     for path, leaf in zip(_checks.leaf_paths(grads), _checks.leaves(grads)):
-        if _checks.is_row_sparse(leaf) and not leaf.unique:
+        if _checks.is_sparse(leaf) and not leaf.unique:
             num_rows = leaf.dense_shape[0]
             bad = (leaf.indices < 0) | (leaf.indices >= num_rows)
             first = leaf.indices[jnp.argmax(bad)]
@@ -376,38 +383,62 @@ def value_and_row_grad(
     """
     tables = tuple(tables)
 
-    def split(params: Any) -> tuple[Any, dict[str, Any]]:
+    def look_up(found: dict[str, Any], ids: Mapping[str, chex.Array]):
+        return {p: take_rows(found[p], ids[p]) for p in tables}, ids
+
+    def leaf(table: Any, ids: chex.Array, d_rows: chex.Array) -> RowSparse:
+        flat_ids = ids.reshape(-1)
+        values = d_rows.reshape((flat_ids.shape[0], *table.shape[1:]))
+        return RowSparse(flat_ids, values, table.shape)
+
+    return _value_and_table_grad(
+        "value_and_row_grad", loss_fn, tables, has_aux, "ids", look_up, leaf
+    )
+
+
+def _value_and_table_grad(
+    where: str,
+    loss_fn: Callable[..., Any],
+    tables: tuple[str, ...],
+    has_aux: bool,
+    inputs_name: str,
+    look_up: Callable[
+        [dict[str, Any], Mapping[str, Any]], tuple[dict[str, Any], Mapping[str, Any]]
+    ],
+    leaf: Callable[[Any, Any, chex.Array], _checks.SparseLeaf],
+) -> Callable[..., Any]:
+    """The differentiation shared by :func:`value_and_row_grad` and
+    :func:`mx_adagrad.value_and_bag_grad`: ``look_up(tables_by_path, inputs) -> (looked_up,
+    context)`` reads the tables, ``loss_fn`` gets what was looked up in place of them, and
+    ``leaf(table, context[path], d loss / d looked_up[path])`` is each table's gradient."""
+
+    def wrapped(params: Any, inputs: Mapping[str, Any], *args: Any):
+        if not isinstance(inputs, Mapping) or set(inputs) != set(tables):
+            _checks.fail(
+                where,
+                inputs_name,
+                f"a dict with the keys {list(tables)}",
+                list(inputs) if isinstance(inputs, Mapping) else inputs,
+            )
         paths = _checks.leaf_paths(params)
         unknown = [t for t in tables if t not in paths]
         if unknown:
-            _checks.fail("value_and_row_grad", "tables", f"paths of params ({paths[:8]})", unknown)
+            _checks.fail(where, "tables", f"paths of params ({paths[:8]})", unknown)
         leaves = jax.tree.leaves(params)
-        found = {p: leaf for p, leaf in zip(paths, leaves) if p in tables}
+        treedef = jax.tree.structure(params)
+        found = {p: x for p, x in zip(paths, leaves) if p in tables}
         rest = jax.tree.unflatten(
-            jax.tree.structure(params), [None if p in tables else x for p, x in zip(paths, leaves)]
+            treedef, [None if p in tables else x for p, x in zip(paths, leaves)]
         )
-        return rest, found
-
-    def wrapped(params: Any, ids: Mapping[str, chex.Array], *args: Any):
-        if set(ids) != set(tables):
-            _checks.fail(
-                "value_and_row_grad", "ids", f"a dict with the keys {list(tables)}", list(ids)
-            )
-        rest, found = split(params)
-        rows = {p: take_rows(found[p], ids[p]) for p in tables}
-        out, (grad_rest, grad_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
-            rest, rows, *args
-        )
-        paths = _checks.leaf_paths(params)
-        flat_rest = jax.tree.leaves(grad_rest)
-        leaves, it = [], iter(flat_rest)
-        for path in paths:
-            if path in tables:
-                table, flat_ids = found[path], ids[path].reshape(-1)
-                values = grad_rows[path].reshape((flat_ids.shape[0], *table.shape[1:]))
-                leaves.append(RowSparse(flat_ids, values, table.shape))
-            else:
-                leaves.append(next(it))
-        return out, jax.tree.unflatten(jax.tree.structure(params), leaves)
+        looked_up, context = look_up(found, inputs)
+        out, (grad_rest, grad_looked_up) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=has_aux
+        )(rest, looked_up, *args)
+        others = iter(jax.tree.leaves(grad_rest))
+        grads = [
+            leaf(found[p], context[p], grad_looked_up[p]) if p in tables else next(others)
+            for p in paths
+        ]
+        return out, jax.tree.unflatten(treedef, grads)
 
     return wrapped

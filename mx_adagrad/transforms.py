@@ -21,6 +21,7 @@ real and imaginary parts alike, and ``clip`` bounds the modulus of each element,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -152,7 +153,7 @@ def _clip_modulus(v: chex.Array, bound: chex.Array) -> chex.Array:
 def _decay(wd: chex.Numeric, grad: Any, weight: chex.Array, mult: chex.Numeric) -> Any:
     """``grad + wd * mult * weight``; a RowSparse gradient with no decay is left as it is (MXNet's
     sparse kernel has no decay term), so its weight rows are not even read."""
-    if _checks.is_row_sparse(grad) and _checks.concrete_float(wd * mult) == 0.0:
+    if _checks.is_sparse(grad) and _checks.concrete_float(wd * mult) == 0.0:
         return sparse.coalesce(grad)
 
     def decay(v, w):
@@ -173,7 +174,7 @@ def _refuse_sparse_decay(wd: chex.Numeric, updates: optax.Updates, mults: Any) -
     for path, g, m in zip(
         _checks.leaf_paths(updates), _checks.leaves(updates), jax.tree.leaves(mults)
     ):
-        if _checks.is_row_sparse(g) and _checks.concrete_float(wd * m) != 0.0:
+        if _checks.is_sparse(g) and _checks.concrete_float(wd * m) != 0.0:
             _checks.fail(
                 "add_decayed_weights",
                 f"wd * wd_mult for the RowSparse gradient {path!r}",
@@ -276,7 +277,7 @@ def _accumulate_and_scale(
         lambda v: v.astype(_complex_dtype(history.dtype) if jnp.iscomplexobj(v) else history.dtype),
         grad,
     )
-    if not _checks.is_row_sparse(grad):
+    if not _checks.is_sparse(grad):
         history = accumulate(history, grad)
         return scale(grad, history), history
     rows = accumulate(sparse.gather(history, grad), grad.values)
@@ -409,10 +410,46 @@ def _row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _row_mean_square(history: chex.Array, grad: chex.Array) -> chex.Array:
     """``history + mean(grad**2)`` over each row's other axes (elementwise below two axes); the
-    squared modulus for a complex gradient."""
-    if grad.ndim < 2:
-        return history + _square(grad)
-    return history + jnp.mean(_square(grad), axis=tuple(range(1, grad.ndim)))
+    squared modulus for a complex gradient. The sum is :func:`_row_sum_of_squares`'s, and the
+    mean its product with ``1 / width``."""
+    width = math.prod(grad.shape[1:])
+    if grad.ndim < 2 or width == 1:  # the mean of one square is the square: element-wise
+        return history + _square(grad.reshape(history.shape))
+    total = _row_sum_of_squares(grad.reshape(grad.shape[0], width), history * 0)
+    return history + total * _like(1 / width, total)
+
+
+# Partial sums of a row's squares (see _row_sum_of_squares): the native kernels use the same.
+SUM_LANES = 16
+
+
+def _row_sum_of_squares(rows: chex.Array, zero: chex.Array) -> chex.Array:
+    """``sum(rows**2, axis=1)`` of a 2-D array, in an order of additions fixed here.
+
+    ::
+
+        lanes[j] = zero + rows[:, j]**2 + rows[:, j + 16]**2 + ...     # left to right, j < 16
+        while len(lanes) > 1:           # halving: lane j += lane j + ceil(len / 2); an odd
+            ...                         # count leaves the middle lane as it is
+
+    XLA is free to sum a reduction in any order (and does, by shape and by fusion), so the
+    order is written out in additions, which XLA keeps. ``zero`` (one per row: ``0 * history``,
+    a zero XLA cannot fold away) starts every lane, so no addition ever has two bare squares
+    for the compiler to contract into a multiply-add either way: each square is added to a sum,
+    contracted. The native row-wise kernels (``mx_adagrad/_native/step.h``) do the same
+    operations and so compute the same bits.
+    """
+    width = rows.shape[1]
+    lanes = zero[:, None] + _square(rows[:, :SUM_LANES])
+    for start in range(SUM_LANES, width, SUM_LANES):
+        block = _square(rows[:, start : start + SUM_LANES])
+        size = block.shape[1]
+        lanes = jnp.concatenate([lanes[:, :size] + block, lanes[:, size:]], axis=1)
+    while lanes.shape[1] > 1:
+        count, half = lanes.shape[1], (lanes.shape[1] + 1) // 2
+        paired = lanes[:, : count - half] + lanes[:, half:]
+        lanes = jnp.concatenate([paired, lanes[:, count - half : half]], axis=1)
+    return lanes[:, 0]
 
 
 def _per_row(values: chex.Array, rows: chex.Array) -> chex.Array:
@@ -466,7 +503,11 @@ def scale_by_rowwise_adagrad(
         return ScaleByRowwiseAdagradState(history)
 
     def scale(g, h):
-        return _divide(g, _per_row(g, jnp.sqrt(h) + _like(epsilon, h)))
+        if g.ndim < 2 or math.prod(g.shape[1:]) == 1:  # element-wise
+            return _divide(g, _per_row(g, jnp.sqrt(h) + _like(epsilon, h)))
+        # One division per row, as the native kernels take it (and as XLA rewrites a division
+        # by a broadcast row value).
+        return g * _per_row(g, 1 / (jnp.sqrt(h) + _like(epsilon, h))).astype(g.dtype)
 
     def update_fn(updates, state, params=None):
         del params

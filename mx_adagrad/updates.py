@@ -16,7 +16,7 @@ def apply_update(param: chex.Array | None, update: Any) -> chex.Array | None:
     """One leaf of :func:`apply_updates`."""
     if param is None:
         return None
-    if _checks.is_row_sparse(update):
+    if _checks.is_sparse(update):
         return sparse.add(param, update)
     return jnp.asarray(param + update).astype(jnp.asarray(param).dtype)
 

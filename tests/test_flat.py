@@ -121,45 +121,41 @@ SPARSE_CONFIGS = {
     "defaults": dict(),
     "lazy wd": dict(wd=0.05),
     "rescale": dict(rescale_grad=0.5, wd=0.01),  # the rescale's multiply contracted (f32)
-    "clip, lr_mult, epsilon 0": dict(clip_gradient=0.3, lr_mult=0.5, epsilon=0.0),
+    "clip, lr_mult": dict(clip_gradient=0.3, lr_mult=0.5),
     "initial history": dict(initial_accumulator_value=0.1, wd=0.01),
 }
 
 
-def touched_rows_step(opt, table, state, grad):
-    """The one-pass dense step (``opt``'s, bitwise XLA's program of update + apply) on the rows
-    ``grad`` touches, with their summed gradient; every other row as it was: lazy AdaGrad."""
-    ids, values = np.asarray(grad.indices), np.asarray(grad.values)
-    valid = (ids >= 0) & (ids < table.shape[0])
-    rows = np.unique(ids[valid])
-    summed = np.zeros((rows.size, *table.shape[1:]), np.float32)
-    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as in the kernels
-        np.add.at(summed, np.searchsorted(rows, ids[valid]), values[valid])  # in order: +0.0 first
-    history, count = state[3].history, state[4].count
-    sub_state = (*state[:3], state[3]._replace(history=history[rows]), state[4])
-    new_rows, new_sub = jax.jit(opt.step)(table[rows], jnp.asarray(summed), sub_state)
-    table = table.at[rows].set(new_rows)
-    history = history.at[rows].set(new_sub[3].history)
-    return table, (
-        *state[:3],
-        state[3]._replace(history=history),
-        state[4]._replace(count=count + 1),
-    )
+ONE_PASS_FORMS = {"element-wise": flat.fused_adagrad, "row-wise": flat.fused_rowwise_adagrad}
 
 
+def sparse_gradient(rng, kind, rows, dim, n):
+    """A RowSparse or BagGrad gradient with duplicates, padding ids and NaN, infinities, zeros
+    of both signs and huge values in its first column."""
+    ids = ((rng.zipf(1.3, n) - 1) % (rows + 3) - 1).astype(np.int32)  # -1 and >= rows: padding
+    values = rng.normal(size=(n, dim)).astype(np.float32)
+    values[:9, 0] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 3.0, -2.0]
+    if kind == "RowSparse":
+        return mx_adagrad.RowSparse.tree_unflatten(((rows, dim), False), (ids, values))
+    bag = rng.integers(0, n // 3, n).astype(np.int32)
+    scale = rng.uniform(0.1, 2.0, n).astype(np.float32)
+    return mx_adagrad.BagGrad(ids, bag, scale, values[: n // 3], (rows, dim))
+
+
+@pytest.mark.parametrize("kind", ["RowSparse", "BagGrad"])
+@pytest.mark.parametrize("form", ONE_PASS_FORMS.values(), ids=ONE_PASS_FORMS)
 @pytest.mark.parametrize("config", SPARSE_CONFIGS.values(), ids=SPARSE_CONFIGS)
-def test_row_sparse_one_pass_step_is_the_dense_step_on_the_touched_rows(config):
+def test_sparse_one_pass_step_is_its_optax_form_on_the_same_leaf(config, form, kind):
+    """The native sparse step equals tx.update + apply_updates (the XLA program on the coalesced
+    rows, then the scatter-add) bit for bit, step after step, NaN and infinities included."""
     rng = np.random.default_rng(2)
-    opt = flat.fused_adagrad(0.1, **config)
+    opt = form(0.1, **config)
     table = jnp.asarray(rng.normal(size=(40, 5)), jnp.float32)
     state = opt.init(table)
     expected = (table, state)
     for _ in range(4):
-        ids = ((rng.zipf(1.3, 30) - 1) % 40).astype(np.int32)
-        values = rng.normal(size=(30, 5)).astype(np.float32)
-        values[:, 0][:9] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 3.0, -2.0]
-        grad = mx_adagrad.RowSparse(ids, values, (40, 5))
-        expected = touched_rows_step(opt, *expected, grad)
+        grad = sparse_gradient(rng, kind, 40, 5, 30)
+        expected = reference_step(opt.tx)(*expected[:1], grad, expected[1])
         table, state = jax.jit(opt.step)(table, grad, state)
         assert_xla_bits((table, state), expected)
     if _native.load():
@@ -327,18 +323,56 @@ def test_one_pass_finds_the_fused_step_of_its_transformation():
     assert flat.one_pass(object()) is None
 
 
-def test_adagrad_is_recognized_and_takes_the_one_pass_step():
-    tx = mx_adagrad.adagrad(0.1, wd=0.01)
-    assert flat.one_pass(tx) is not None
-    assert flat.one_pass(mx_adagrad.rowwise_adagrad(0.1)) is None
+@pytest.mark.parametrize("alias", [mx_adagrad.adagrad, mx_adagrad.rowwise_adagrad])
+def test_adagrad_and_rowwise_adagrad_are_recognized_and_take_the_one_pass_step(alias):
+    tx = alias(0.1, wd=0.01, rescale_grad=0.5)
+    fused = flat.one_pass(tx)
+    assert fused is not None and fused.tx.update is not tx.update
     assert flat.one_pass(mx_adagrad.legacy.adagrad(0.1)) is None
     params = model()
     state = tx.init(params)
     grads = grads_like(params, 0)
-    assert_bitwise(
-        jax.jit(flat.one_pass(tx).step)(params, grads, state),
-        reference_step(tx)(params, grads, state),
+    assert_xla_bits(
+        jax.jit(fused.step)(params, grads, state), reference_step(tx)(params, grads, state)
     )
+    if _native.load():  # every leaf of the model is float32: all of them in native calls
+        calls = eight_devices.native_calls(
+            jax.jit(fused.step).lower(params, grads, state).compile()
+        )
+        kernels = {"adagrad": {"mx_adagrad_step_f32"}}
+        kernels["rowwise_adagrad"] = {"mx_adagrad_step_f32", "mx_adagrad_rowwise_step_f32"}
+        assert set(calls) == kernels[alias.__name__]
+
+
+@pytest.mark.parametrize("form", ONE_PASS_FORMS.values(), ids=ONE_PASS_FORMS)
+def test_with_epsilon_zero_the_one_pass_step_divides_exactly(form):
+    """With a concrete epsilon of 0 XLA rewrites the optax form's ``g / sqrt(h)`` into ``g *
+    rsqrt(h)``, its approximate reciprocal root; the kernels divide, as the formula says. So
+    there the steps agree to float32 rounding (the updates to 4 ulp), not bit for bit."""
+    rng = np.random.default_rng(3)
+    opt = form(0.1, epsilon=0.0)
+    table = jnp.zeros((40, 5), jnp.float32)  # the new weights are the updates, to the last bit
+    state = jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x, opt.init(table))
+    values = rng.normal(size=(30, 5)).astype(np.float32)
+    grad = mx_adagrad.RowSparse(rng.integers(0, 40, 30).astype(np.int32), values, (40, 5))
+    for g in (grad, grad.todense()):
+        got, _ = jax.jit(opt.step)(table, g, state)
+        want, _ = reference_step(opt.tx)(table, g, state)
+        exact = -0.1 * reference_update(g, state)
+        np.testing.assert_allclose(got, exact, rtol=5e-7, atol=0)
+        np.testing.assert_allclose(want, got, rtol=5e-7, atol=0)
+
+
+def reference_update(grad, state):
+    """``g / sqrt(h)`` of the float64 transcription, element-wise or row-wise."""
+    dense = grad.todense() if isinstance(grad, mx_adagrad.RowSparse) else grad
+    g = np.asarray(dense, np.float64)
+    h = np.asarray(state[3].history, np.float64)
+    if h.ndim == 1:
+        h = (h + np.mean(g * g, axis=1))[:, None]
+    else:
+        h = h + g * g
+    return g / np.sqrt(h)
 
 
 # Everything below the next test runs in the 8-device child process.

@@ -5,16 +5,17 @@
   history`` once, for any number of parameters in one call. XLA CPU compiles the same step to two
   loops over memory (it has no multi-output loop fusion by default); the kernel is one, and it is
   bitwise equal to the XLA program of ``mx_adagrad.adagrad`` + ``apply_updates``.
-* ``coalesce.cc``, the duplicate-row sum of :func:`mx_adagrad.sparse.coalesce` for float32 rows:
-  a radix sort and a sum in position order, bitwise equal to the XLA program (which pays for a
-  two-operand sort).
+* ``coalesce.cc``, the duplicate-row sum of :func:`mx_adagrad.sparse.coalesce` for float32 rows
+  of a RowSparse or the terms of a BagGrad (``groups.h``): a radix sort and a sum in position
+  order, bitwise equal to the XLA program (which pays for a two-operand sort).
+* ``bags.cc``, the pooled lookup of :mod:`mx_adagrad.bags`: every table's bags in one call.
 * ``rows.cc``, the row gather and the in-place row scatters of :mod:`mx_adagrad.sparse`: a
   ``memcpy`` (or a vectorized add) per row where XLA CPU moves one element at a time.
-* ``sparse_step.cc``, the one-pass step of :mod:`mx_adagrad.flat` for a RowSparse gradient of a
-  float32 table: the duplicate sum (``coalesce.h``), then the dense kernel's arithmetic
-  (``step.h``) on each touched row, in place.
+* ``sparse_step.cc``, the one-pass step of :mod:`mx_adagrad.flat` for RowSparse and BagGrad
+  gradients of float32 tables, element-wise or row-wise, every table in one call: the terms
+  grouped by row (``groups.h``), then ``step.h``'s arithmetic on each touched row, in place.
 
-Building: the first :func:`load` in a process compiles both sources with the C++ compiler
+Building: the first :func:`load` in a process compiles the sources with the C++ compiler
 ``$CXX`` (else ``g++``, else ``c++``) against the FFI headers of the installed jaxlib
 (``jax.ffi.include_dir()``)::
 
@@ -52,9 +53,9 @@ from mx_adagrad import _checks
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("adagrad.cc", "coalesce.cc", "rows.cc", "sparse_step.cc")
+    for name in ("adagrad.cc", "bags.cc", "coalesce.cc", "rows.cc", "sparse_step.cc")
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("step.h", "coalesce.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("groups.h", "parallel.h", "step.h"))
 FLAGS = (
     "-O3",
     "-march=native",
@@ -73,8 +74,11 @@ TARGETS = {
     jnp.dtype(jnp.bfloat16): ("mx_adagrad_step_bf16", "MxAdagradStepBF16"),
     jnp.dtype(jnp.float16): ("mx_adagrad_step_f16", "MxAdagradStepF16"),
 }
+ROWWISE_TARGET = ("mx_adagrad_rowwise_step_f32", "MxAdagradRowwiseStepF32")
 COALESCE_TARGET = ("mx_adagrad_coalesce_f32", "MxAdagradCoalesceF32")
+COALESCE_BAGS_TARGET = ("mx_adagrad_coalesce_bags_f32", "MxAdagradCoalesceBagsF32")
 SPARSE_STEP_TARGET = ("mx_adagrad_sparse_step_f32", "MxAdagradSparseStepF32")
+BAG_POOL_TARGET = ("mx_adagrad_bag_pool_f32", "MxAdagradBagPoolF32")
 ROWS_TARGETS = {
     "gather": ("mx_adagrad_gather_rows", "MxAdagradGatherRows"),
     "scatter": ("mx_adagrad_scatter_rows", "MxAdagradScatterRows"),
@@ -164,8 +168,11 @@ def load() -> bool:
         library = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in (
             *TARGETS.values(),
+            ROWWISE_TARGET,
             COALESCE_TARGET,
+            COALESCE_BAGS_TARGET,
             SPARSE_STEP_TARGET,
+            BAG_POOL_TARGET,
             *ROWS_TARGETS.values(),
         ):
             jax.ffi.register_ffi_target(
@@ -189,6 +196,7 @@ def step(
     grads: Sequence[jax.Array],
     masters: Sequence[jax.Array] | None,
     histories: Sequence[jax.Array],
+    rowwise: bool = False,
 ) -> tuple[list[jax.Array], list[jax.Array] | None, list[jax.Array]]:
     """One in-place AdaGrad step of same-dtype leaves (CPU only), in calls of at most
     ``MAX_LEAVES_PER_CALL`` leaves.
@@ -199,13 +207,15 @@ def step(
       weights: n weights of one dtype (float32; float16/bfloat16 with ``masters``).
       grads: n gradients, each of its weight's shape and dtype.
       masters: n float32 master copies (multi_precision), or None for float32 weights.
-      histories: n float32 histories.
+      histories: n float32 histories: of the weight's shape, or with ``rowwise`` one number per
+        row of a float32 weight of two or more axes (``adagrad.cc``'s row-wise step).
+      rowwise: row-wise AdaGrad (float32, no masters).
 
     Returns:
       ``(weights, masters, histories)`` after the step; each output aliases its input, so with
       donated buffers the step writes in place.
     """
-    target = TARGETS[jnp.dtype(weights[0].dtype)][0]
+    target = ROWWISE_TARGET[0] if rowwise else TARGETS[jnp.dtype(weights[0].dtype)][0]
     columns = [weights, grads, *([masters] if masters is not None else []), histories]
     width, outputs = len(columns), len(columns) - 1
     results: list[jax.Array] = []
@@ -314,31 +324,75 @@ def scatter_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, add: bool) -
     return call(table, ids, rows)
 
 
+def coalesce_bags(
+    indices: jax.Array, bag: jax.Array, scale: jax.Array, bag_grads: jax.Array, num_rows: int
+) -> tuple[jax.Array, jax.Array]:
+    """``coalesce.cc``'s duplicate-row sum of a BagGrad (CPU only): ``(ids, rows)`` as
+    :func:`mx_adagrad.sparse.coalesce` computes them from int32/int64 ``indices (n,)``, int32
+    ``bag (n,)``, float32 ``scale (n,)`` and float32 ``bag_grads (bags, width)``."""
+    indices, bag, scale, bag_grads = _varying_alike(indices, bag, scale, bag_grads)
+    rows = jax.ShapeDtypeStruct.like(bag_grads).update(shape=(indices.shape[0], bag_grads.shape[1]))
+    call = jax.ffi.ffi_call(
+        COALESCE_BAGS_TARGET[0],
+        (jax.ShapeDtypeStruct.like(indices), rows),
+        vmap_method="sequential",
+    )
+    return call(indices, bag, scale, bag_grads, num_rows=np.int64(num_rows))
+
+
+def bag_pool(
+    lookups: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+) -> list[jax.Array]:
+    """``bags.cc``'s pooled lookup of several tables in one call (CPU only).
+
+    Args:
+      lookups: per table ``(table, ids, offsets, scale)``: a float32 table ``(rows, width)``,
+        int32/int64 ``ids (n,)`` and ``offsets (bags + 1,)``, float32 ``scale (n,)``.
+
+    Returns:
+      Per table the float32 ``(bags, width)`` sums of ``scale[i] * table[ids[i]]`` over each
+      bag's valid ids.
+    """
+    operands = _varying_alike(*(x for lookup in lookups for x in lookup))
+    shapes = [
+        jax.ShapeDtypeStruct.like(table).update(shape=(offsets.shape[0] - 1, table.shape[1]))
+        for table, _, offsets, _ in zip(*[iter(operands)] * 4)
+    ]
+    return list(jax.ffi.ffi_call(BAG_POOL_TARGET[0], shapes)(*operands))
+
+
 def sparse_step(
     hyper: jax.Array,
     coef: jax.Array,
-    ids: jax.Array,
-    values: jax.Array,
-    weight: jax.Array,
-    history: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """``sparse_step.cc`` (CPU only): one AdaGrad step of a float32 ``weight`` and ``history`` on
-    the RowSparse gradient ``(ids, values)``, written in place of the touched rows.
+    tables: Sequence[tuple[jax.Array, ...]],
+    rowwise: bool,
+) -> list[tuple[jax.Array, jax.Array]]:
+    """``sparse_step.cc`` (CPU only): one AdaGrad step of float32 tables on their sparse
+    gradients, all tables in one call, written in place of the touched rows.
 
     Args:
       hyper: the operand :func:`hyper_array` makes.
-      coef: float32 ``[2]``: ``-learning_rate * lr_mult`` and ``wd * wd_mult``.
-      ids: the gradient's row ids, int32 or int64 ``(n,)`` (any order, duplicates summed, ids
-        outside the table dropped).
-      values: float32 ``(n, *weight.shape[1:])``.
-      weight: float32, the table; the first result aliases it.
-      history: float32, of the table's shape; the second result aliases it.
+      coef: float32 ``[tables, 3]``: ``-learning_rate * lr_mult``, ``wd * wd_mult``, and 1 where
+        the step has a decay term (0 where the weight decay is a concrete 0).
+      tables: per table ``(ids, bag, scale, values, weight, history)``: int32/int64 ``ids (n,)``;
+        for a BagGrad int32 ``bag (n,)``, float32 ``scale (n,)`` and ``values (bags, width)``,
+        for a RowSparse ``bag`` and ``scale`` of size 0 and ``values (n, width)``; the float32
+        ``weight``; its ``history``: of the weight's shape, or ``(rows,)`` with ``rowwise``.
+      rowwise: row-wise AdaGrad (one history number per row).
+
+    Returns:
+      Per table ``(weight, history)``, aliasing the operands: with donated buffers the step
+      writes in place.
     """
-    operands = _varying_alike(hyper, coef, ids, values, weight, history)
+    operands = _varying_alike(hyper, coef, *(x for table in tables for x in table))
+    aliases = {2 + 6 * i + k: 2 * i + j for i in range(len(tables)) for j, k in ((0, 4), (1, 5))}
+    shapes = [
+        jax.ShapeDtypeStruct.like(x)
+        for i in range(len(tables))
+        for x in operands[2 + 6 * i + 4 : 2 + 6 * i + 6]
+    ]
     call = jax.ffi.ffi_call(
-        SPARSE_STEP_TARGET[0],
-        (jax.ShapeDtypeStruct.like(operands[4]), jax.ShapeDtypeStruct.like(operands[5])),
-        input_output_aliases={4: 0, 5: 1},
-        vmap_method="sequential",
+        SPARSE_STEP_TARGET[0], shapes, input_output_aliases=aliases, vmap_method="sequential"
     )
-    return call(*operands)
+    results = call(*operands, rowwise=np.int64(rowwise))
+    return list(zip(results[::2], results[1::2]))

@@ -25,14 +25,12 @@
 // IEEE result.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "step.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -54,11 +52,8 @@ struct Work {
   std::vector<Leaf> leaves;
   std::vector<int64_t> starts;  // starts[i]: the index of leaves[i]'s first element
   int64_t total = 0;
-  int64_t chunks = 0;
   Hyper hp{};
   bool rescale_fma = false;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   void Run(int64_t begin, int64_t end) const {
     auto it = std::upper_bound(starts.begin(), starts.end(), begin) - 1;
@@ -73,13 +68,6 @@ struct Work {
       }
     }
   }
-
-  void RunChunks() {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      Run(c * kChunk, std::min(total, (c + 1) * kChunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 // Copies an input into its output buffer when XLA did not alias them (it always does when the
@@ -89,6 +77,20 @@ void* InPlace(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out) {
     std::memcpy(out->untyped_data(), in.untyped_data(), in.size_bytes());
   }
   return out->untyped_data();
+}
+
+// Runs work.Run over [0, work.total) in chunks on the pool's threads (one thread below
+// kMinParallel elements, where the hand-off costs more than it saves).
+template <typename W>
+void RunChunks(ffi::ThreadPool& pool, const W& work) {
+  if (work.total < kMinParallel) {
+    work.Run(0, work.total);
+    return;
+  }
+  const int64_t chunks = (work.total + kChunk - 1) / kChunk;
+  ParallelFor(pool, chunks, pool.num_threads(), [&](int64_t c) {
+    work.Run(c * kChunk, std::min(work.total, (c + 1) * kChunk));
+  });
 }
 
 // Arguments: hyper f32[4] (rescale, clip, epsilon, 1 for the kRescaleFma variant else 0), coef
@@ -107,12 +109,12 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Buffer<f
   if (args.size() != n * kIn || rets.size() != n * kOut) {
     return ffi::Error::InvalidArgument("mx_adagrad: wrong number of leaf buffers");
   }
-  auto work = std::make_shared<Work<Kind>>();
+  Work<Kind> work;
   const float* h = hyper.typed_data();
-  work->hp = Hyper{h[0], h[1], h[2]};
-  work->rescale_fma = h[3] != 0.0f;
-  work->leaves.reserve(n);
-  work->starts.reserve(n);
+  work.hp = Hyper{h[0], h[1], h[2]};
+  work.rescale_fma = h[3] != 0.0f;
+  work.leaves.reserve(n);
+  work.starts.reserve(n);
   const float* c = coef.typed_data();
   for (size_t i = 0; i < n; ++i) {
     auto w = args.get<ffi::AnyBuffer>(i * kIn);
@@ -139,27 +141,98 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Buffer<f
       }
       leaf.master = static_cast<float*>(InPlace(*m, *m_out));
     }
-    work->starts.push_back(work->total);
-    work->leaves.push_back(leaf);
-    work->total += size;
+    work.starts.push_back(work.total);
+    work.leaves.push_back(leaf);
+    work.total += size;
   }
-  if (work->total == 0) return ffi::Error::Success();
-  if (work->total < kMinParallel) {
-    work->Run(0, work->total);
-    return ffi::Error::Success();
+  RunChunks(pool, work);
+  return ffi::Error::Success();
+}
+
+// The leaves of one row-wise call: tables of rows of `width` elements, one history number per
+// row, seen as one index space of elements whose chunks are cut at row boundaries.
+struct RowwiseWork {
+  struct Table {
+    float* weight;
+    const float* grad;
+    float* history;
+    int64_t rows, width;
+    float neg_lr, wd;
+  };
+  std::vector<Table> tables;
+  std::vector<int64_t> starts;  // starts[i]: the index of tables[i]'s first element
+  int64_t total = 0;
+  Hyper hp{};
+  bool rescale_fma = false;
+
+  // The rows whose first element lies in [begin, end), in every table.
+  void Run(int64_t begin, int64_t end) const {
+    thread_local std::vector<float> scratch;
+    auto it = std::upper_bound(starts.begin(), starts.end(), begin) - 1;
+    for (size_t i = it - starts.begin(); i < tables.size() && starts[i] < end; ++i) {
+      const Table& t = tables[i];
+      if (static_cast<int64_t>(scratch.size()) < t.width) scratch.resize(t.width);
+      const int64_t first = (std::max(begin, starts[i]) - starts[i] + t.width - 1) / t.width;
+      const int64_t last = std::min(t.rows, (end - starts[i] + t.width - 1) / t.width);
+      for (int64_t r = first; r < last; ++r) {
+        float* w = t.weight + r * t.width;
+        const float* g = t.grad + r * t.width;
+        if (rescale_fma) {
+          RowwiseRow<true, true, true>(w, g, t.history + r, t.width, hp, t.neg_lr, t.wd,
+                                       scratch.data());
+        } else {
+          RowwiseRow<false, true, true>(w, g, t.history + r, t.width, hp, t.neg_lr, t.wd,
+                                        scratch.data());
+        }
+      }
+    }
   }
-  // The caller claims chunks too, and waits only for chunks another thread has claimed (and so
-  // is running): a task the pool starts late finds nothing left and returns, so this cannot
-  // deadlock even when the caller is itself a pool thread.
-  work->chunks = (work->total + kChunk - 1) / kChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([work] { work->RunChunks(); });
+};
+
+// Row-wise AdaGrad, dense: arguments hyper and coef as Step's, then per table weight f32[rows,
+// ...], grad like weight, history f32[rows]. Results: per table weight and history, aliased.
+ffi::Error RowwiseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
+                       ffi::Buffer<ffi::F32> coef, ffi::RemainingArgs args,
+                       ffi::RemainingRets rets) {
+  const auto dims = coef.dimensions();
+  if (dims.size() != 2 || dims[1] != 2 || hyper.element_count() != 4) {
+    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[4], coef f32[n, 2]");
   }
-  work->RunChunks();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) {
-    std::this_thread::yield();
+  const size_t n = static_cast<size_t>(dims[0]);
+  if (args.size() != n * 3 || rets.size() != n * 2) {
+    return ffi::Error::InvalidArgument("mx_adagrad: wrong number of leaf buffers");
   }
+  RowwiseWork work;
+  const float* h = hyper.typed_data();
+  work.hp = Hyper{h[0], h[1], h[2]};
+  work.rescale_fma = h[3] != 0.0f;
+  const float* c = coef.typed_data();
+  for (size_t i = 0; i < n; ++i) {
+    auto w = args.get<ffi::AnyBuffer>(i * 3);
+    auto g = args.get<ffi::AnyBuffer>(i * 3 + 1);
+    auto hist = args.get<ffi::AnyBuffer>(i * 3 + 2);
+    auto w_out = rets.get<ffi::AnyBuffer>(i * 2);
+    auto h_out = rets.get<ffi::AnyBuffer>(i * 2 + 1);
+    if (!w || !g || !hist || !w_out || !h_out) {
+      return ffi::Error::InvalidArgument("mx_adagrad: leaf buffers must be arrays");
+    }
+    const auto w_dims = w->dimensions();
+    const int64_t size = static_cast<int64_t>(w->element_count());
+    const int64_t rows = w_dims.size() == 0 ? 0 : w_dims[0];
+    if (w_dims.size() < 2 || w->element_type() != ffi::DataType::F32 ||
+        g->element_type() != ffi::DataType::F32 || hist->element_type() != ffi::DataType::F32 ||
+        g->element_count() != w->element_count() ||
+        static_cast<int64_t>(hist->element_count()) != rows) {
+      return ffi::Error::InvalidArgument("mx_adagrad: row-wise leaf dtype or size mismatch");
+    }
+    if (size == 0) continue;
+    work.tables.push_back(RowwiseWork::Table{
+        static_cast<float*>(InPlace(*w, *w_out)), static_cast<const float*>(g->untyped_data()),
+        static_cast<float*>(InPlace(*hist, *h_out)), rows, size / rows, c[2 * i], c[2 * i + 1]});
+    work.starts.push_back(work.total);
+    work.total += size;
+  }
+  RunChunks(pool, work);
   return ffi::Error::Success();
 }
 
@@ -177,3 +250,11 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Buffer<f
 MX_ADAGRAD_HANDLER(MxAdagradStepF32, Float32)
 MX_ADAGRAD_HANDLER(MxAdagradStepBF16, BFloat16)
 MX_ADAGRAD_HANDLER(MxAdagradStepF16, Float16)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradRowwiseStepF32, RowwiseStep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());

@@ -1,24 +1,30 @@
-// MXNet 2.0's AdaGrad step for a RowSparse gradient of a float32 table, on the XLA CPU backend:
-// the table's rows that the gradient touches, updated in place in one pass.
+// The one-pass AdaGrad step of sparse gradients on float32 tables, for the XLA CPU backend:
+// every table's touched rows updated in place, all tables in one call, on the threads of XLA's
+// pool.
 //
-//   rows = the gradient's rows with duplicate ids summed          (coalesce.h, as sparse.coalesce)
-//   for every distinct id r, with its summed row g:
-//     weight[r], history[r] = the dense one-pass step of (weight[r], g, history[r])    (step.h)
+// A table's gradient is a RowSparse or the terms of a BagGrad (groups.h). Per table:
 //
-// The arithmetic is the dense kernel's, element for element (step.h), so a touched row gets the
-// bits the dense step gives it on the densified gradient: XLA CPU's own sparse program differs
-// from both in where it contracts multiply-adds (tests/test_native.py). Weight decay is lazy
-// (touched rows only), as sparse_wd="lazy". Rows the gradient does not touch are not read.
-// What this saves against the XLA program of the same step: the n-row intermediates (the summed
-// rows, the gathered weight and history rows, the new history rows, the updates), each written
-// and read back, and the padding slots of the static shape, which XLA processes as rows.
+//   group the gradient's terms by row                                   (groups.h: radix sort)
+//   for every touched row r, its terms summed into g (as coalesce sums them):
+//     element-wise:  g = clip(rescale * g) + wd * w[r];  h[r] += g * g;
+//                    w[r] += g / (sqrt(h[r]) + epsilon) * neg_lr
+//     row-wise:      the same g;  h[r] += mean(g * g);  w[r] += g / (sqrt(h[r]) + epsilon) * neg_lr
+//
+// with the roundings of the optax form of the same step on the same leaf (mx_adagrad's transforms
+// on the coalesced rows, then apply_updates' scatter-add), so the two are bitwise equal
+// (tests/test_native.py): step.h's arithmetic with the weight's update added in a rounding of its
+// own (step.h: Apply<false>) and, when the weight decay is a concrete 0, no decay term. Rows the
+// gradient does not touch are not read. The work is split by table for the grouping and by
+// blocks of touched rows for the updates; every row's numbers depend on its own terms only, so
+// the results are the same whatever the number of threads.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "coalesce.h"
+#include "groups.h"
+#include "parallel.h"
 #include "step.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -26,37 +32,70 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace mx_adagrad;  // NOLINT: the arithmetic of step.h and coalesce.h
+using namespace mx_adagrad;  // NOLINT: the arithmetic of step.h and groups.h
 
-// Distinct rows ahead of the one being stepped whose weight and history lines are requested early:
+// Touched rows ahead of the one being stepped whose weight and history lines are requested early:
 // each is a random DRAM access.
-constexpr size_t kPrefetchRows = 16;
+constexpr int64_t kPrefetchRows = 16;
+// Touched rows per task of the update phase.
+constexpr int64_t kRowsPerTask = 256;
 
-template <typename Id>
-void StepRows(const Id* ids, int64_t n, const float* values, int64_t width, int64_t num_rows,
-              float* weight, float* history, const Hyper& hp, float neg_lr, float wd,
-              bool rescale_fma) {
-  // Per thread, kept across calls: the summed rows of one gradient (n * width floats).
-  thread_local std::vector<float> rows;
-  thread_local std::vector<int64_t> unique;
-  if (rows.size() < static_cast<size_t>(n * width)) rows.resize(static_cast<size_t>(n * width));
-  SumDuplicates(ids, n, num_rows, values, width, unique, rows.data());
-  const int64_t ahead = std::min<int64_t>(width, 128);  // floats: up to 512 bytes of a row
-  for (size_t k = 0; k < unique.size(); ++k) {
-    if (k + kPrefetchRows < unique.size()) {
-      const int64_t next = unique[k + kPrefetchRows] * width;
-      for (int64_t e = 0; e < ahead; e += 16) {
-        __builtin_prefetch(weight + next + e, 1);
-        __builtin_prefetch(history + next + e, 1);
+struct Table {
+  const void* ids;
+  bool ids64;
+  int64_t n;
+  Terms terms;
+  int64_t bags;
+  float* weight;
+  float* history;
+  int64_t num_rows;
+  bool rowwise;  // one history number per row
+  float neg_lr, wd;
+  bool decay;
+  Groups* groups;
+};
+
+template <bool kRescaleFma, bool kDecay>
+void StepRow(const Table& t, float* w, const float* g, float* h, const Hyper& hp,
+             float* scratch) {
+  if (t.rowwise) {
+    RowwiseRow<kRescaleFma, kDecay, false>(w, g, h, t.terms.width, hp, t.neg_lr, t.wd, scratch);
+  } else {
+    ElementwiseRow<kRescaleFma, kDecay, false>(w, g, h, t.terms.width, hp, t.neg_lr, t.wd);
+  }
+}
+
+// Touched rows [begin, end) of table t (in its order of rows).
+template <bool kRescaleFma, bool kDecay>
+void StepRows(const Table& t, const Hyper& hp, int64_t begin, int64_t end) {
+  const int64_t width = t.terms.width;
+  const int64_t h_width = t.rowwise ? 1 : width;
+  const Groups& g = *t.groups;
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(2 * width)) buffer.resize(2 * width);
+  float* summed = buffer.data();
+  float* scratch = summed + width;
+  const int64_t lines = std::min<int64_t>(width, 128);  // floats: up to 512 bytes of a row
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + kPrefetchRows < end) {
+      const int64_t next = g.unique[k + kPrefetchRows];
+      for (int64_t e = 0; e < lines; e += 16) __builtin_prefetch(t.weight + next * width + e, 1);
+      for (int64_t e = 0; e < std::min(lines, h_width); e += 16) {
+        __builtin_prefetch(t.history + next * h_width + e, 1);
       }
     }
-    const int64_t at = unique[k] * width;
-    const Leaf leaf{weight + at, rows.data() + k * width, nullptr, history + at, width, neg_lr, wd};
-    if (rescale_fma) {
-      StepRange<true>(Float32{}, leaf, hp, 0, width);
-    } else {
-      StepRange<false>(Float32{}, leaf, hp, 0, width);
-    }
+    SumGroup(t.terms, g, k, summed);
+    const int64_t r = g.unique[k];
+    StepRow<kRescaleFma, kDecay>(t, t.weight + r * width, summed, t.history + r * h_width, hp,
+                                 scratch);
+  }
+}
+
+void Group(const Table& t) {
+  if (t.ids64) {
+    GroupIds(static_cast<const int64_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups);
+  } else {
+    GroupIds(static_cast<const int32_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups);
   }
 }
 
@@ -67,55 +106,122 @@ float* InPlace(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out) {
   return static_cast<float*>(out->untyped_data());
 }
 
+constexpr size_t kArgsPerTable = 6;
+
 // Arguments: hyper f32[4] (rescale, clip, epsilon, 1 for the kRescaleFma variant else 0), coef
-// f32[2] (neg_lr, wd), ids s32[n] or s64[n], values f32[n, ...], weight f32[rows, ...], history
-// f32[rows, ...]. Results: weight and history, aliased to their arguments.
-ffi::Error SparseStep(ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer ids,
-                      ffi::Buffer<ffi::F32> values, ffi::AnyBuffer weight, ffi::AnyBuffer history,
-                      ffi::Result<ffi::AnyBuffer> weight_out,
-                      ffi::Result<ffi::AnyBuffer> history_out) {
-  const auto dims = weight.dimensions();
-  const int64_t n = static_cast<int64_t>(ids.element_count());
-  if (hyper.element_count() != 4 || coef.element_count() != 2 || ids.dimensions().size() != 1 ||
-      dims.size() == 0 || weight.element_type() != ffi::DataType::F32 ||
-      history.element_type() != ffi::DataType::F32 ||
-      history.element_count() != weight.element_count()) {
-    return ffi::Error::InvalidArgument("mx_adagrad: sparse step got mismatched operands");
+// f32[tables, 3] (neg_lr, wd, 1 if the step decays else 0), then per table: ids s32[n] or
+// s64[n]; bag s32[n] (a BagGrad) or s32[0] (a RowSparse); scale f32[n] or f32[0]; values
+// f32[bags, width] (f32[n, width] for a RowSparse); weight f32[rows, width...]; history like
+// weight (element-wise) or f32[rows] (rowwise). Results: per table weight and history, aliased.
+// Attribute: rowwise.
+ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
+                      ffi::Buffer<ffi::F32> coef, ffi::RemainingArgs args,
+                      ffi::RemainingRets rets, int64_t rowwise) {
+  const auto dims = coef.dimensions();
+  if (hyper.element_count() != 4 || dims.size() != 2 || dims[1] != 3) {
+    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[4], coef f32[n, 3]");
   }
-  const int64_t num_rows = dims[0];
-  const int64_t width = num_rows == 0 ? 0 : static_cast<int64_t>(weight.element_count()) / num_rows;
-  if (static_cast<int64_t>(values.element_count()) != n * width) {
-    return ffi::Error::InvalidArgument("mx_adagrad: sparse step values do not match the table");
+  const size_t count = static_cast<size_t>(dims[0]);
+  if (args.size() != count * kArgsPerTable || rets.size() != count * 2) {
+    return ffi::Error::InvalidArgument("mx_adagrad: wrong number of sparse step buffers");
   }
-  float* w = InPlace(weight, weight_out);
-  float* h = InPlace(history, history_out);
-  if (n == 0 || width == 0) return ffi::Error::Success();
   const float* p = hyper.typed_data();
   const Hyper hp{p[0], p[1], p[2]};
+  const bool rescale_fma = p[3] != 0.0f;
   const float* c = coef.typed_data();
-  switch (ids.element_type()) {
-    case ffi::DataType::S32:
-      StepRows(static_cast<const int32_t*>(ids.untyped_data()), n, values.typed_data(), width,
-               num_rows, w, h, hp, c[0], c[1], p[3] != 0.0f);
-      return ffi::Error::Success();
-    case ffi::DataType::S64:
-      StepRows(static_cast<const int64_t*>(ids.untyped_data()), n, values.typed_data(), width,
-               num_rows, w, h, hp, c[0], c[1], p[3] != 0.0f);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("mx_adagrad: row ids must be int32 or int64");
+  thread_local std::vector<Groups> groups;
+  if (groups.size() < count) groups.resize(count);
+  std::vector<Table> tables;
+  for (size_t i = 0; i < count; ++i) {
+    auto ids = args.get<ffi::AnyBuffer>(i * kArgsPerTable);
+    auto bag = args.get<ffi::AnyBuffer>(i * kArgsPerTable + 1);
+    auto scale = args.get<ffi::AnyBuffer>(i * kArgsPerTable + 2);
+    auto values = args.get<ffi::AnyBuffer>(i * kArgsPerTable + 3);
+    auto weight = args.get<ffi::AnyBuffer>(i * kArgsPerTable + 4);
+    auto history = args.get<ffi::AnyBuffer>(i * kArgsPerTable + 5);
+    auto weight_out = rets.get<ffi::AnyBuffer>(i * 2);
+    auto history_out = rets.get<ffi::AnyBuffer>(i * 2 + 1);
+    if (!ids || !bag || !scale || !values || !weight || !history || !weight_out ||
+        !history_out) {
+      return ffi::Error::InvalidArgument("mx_adagrad: sparse step buffers must be arrays");
+    }
+    const auto w_dims = weight->dimensions();
+    const int64_t n = static_cast<int64_t>(ids->element_count());
+    const int64_t num_rows = w_dims.size() == 0 ? 0 : w_dims[0];
+    const int64_t width =
+        num_rows == 0 ? 0 : static_cast<int64_t>(weight->element_count()) / num_rows;
+    const bool bags = bag->element_count() > 0;
+    const int64_t value_rows = width == 0 ? 0 : values->element_count() / width;
+    const int64_t h_expected = rowwise ? num_rows : num_rows * width;
+    const bool ids_ok = ids->dimensions().size() == 1 &&
+                        (ids->element_type() == ffi::DataType::S32 ||
+                         ids->element_type() == ffi::DataType::S64);
+    if (!ids_ok || w_dims.size() == 0 || weight->element_type() != ffi::DataType::F32 ||
+        history->element_type() != ffi::DataType::F32 ||
+        values->element_type() != ffi::DataType::F32 ||
+        static_cast<int64_t>(history->element_count()) != h_expected ||
+        (bags && (bag->element_type() != ffi::DataType::S32 ||
+                  static_cast<int64_t>(bag->element_count()) != n)) ||
+        (scale->element_count() > 0 && (scale->element_type() != ffi::DataType::F32 ||
+                                        static_cast<int64_t>(scale->element_count()) != n)) ||
+        static_cast<int64_t>(values->element_count()) != value_rows * width ||
+        (!bags && value_rows != n)) {
+      return ffi::Error::InvalidArgument("mx_adagrad: sparse step got mismatched operands");
+    }
+    Table t;
+    t.ids = ids->untyped_data();
+    t.ids64 = ids->element_type() == ffi::DataType::S64;
+    t.n = width == 0 ? 0 : n;
+    t.terms = Terms{static_cast<const float*>(values->untyped_data()),
+                    bags ? static_cast<const int32_t*>(bag->untyped_data()) : nullptr,
+                    scale->element_count() > 0 ? static_cast<const float*>(scale->untyped_data())
+                                               : nullptr,
+                    width};
+    t.bags = value_rows;
+    t.weight = InPlace(*weight, *weight_out);
+    t.history = InPlace(*history, *history_out);
+    t.num_rows = num_rows;
+    t.rowwise = rowwise != 0;
+    t.neg_lr = c[3 * i];
+    t.wd = c[3 * i + 1];
+    t.decay = c[3 * i + 2] != 0.0f;
+    t.groups = &groups[i];
+    tables.push_back(t);
   }
+  const int64_t threads = pool.num_threads();
+  ParallelFor(pool, static_cast<int64_t>(count), threads, [&](int64_t i) { Group(tables[i]); });
+  struct Task {
+    size_t table;
+    int64_t begin, end;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t rows = tables[i].groups->size();
+    for (int64_t b = 0; b < rows; b += kRowsPerTask) {
+      tasks.push_back(Task{i, b, std::min(rows, b + kRowsPerTask)});
+    }
+  }
+  ParallelFor(pool, static_cast<int64_t>(tasks.size()), threads, [&](int64_t j) {
+    const Task& task = tasks[j];
+    const Table& t = tables[task.table];
+    if (rescale_fma) {
+      t.decay ? StepRows<true, true>(t, hp, task.begin, task.end)
+              : StepRows<true, false>(t, hp, task.begin, task.end);
+    } else {
+      t.decay ? StepRows<false, true>(t, hp, task.begin, task.end)
+              : StepRows<false, false>(t, hp, task.begin, task.end);
+    }
+  });
+  return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradSparseStepF32, SparseStep,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("rowwise"));

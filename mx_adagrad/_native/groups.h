@@ -1,0 +1,126 @@
+// Sparse gradients summed into the rows they touch, shared by the coalesce kernel (coalesce.cc)
+// and the one-pass sparse step (sparse_step.cc).
+//
+// A sparse gradient is n terms, term p adding scale[p] * values[bag[p]] to row ids[p]:
+//
+//   RowSparse (mx_adagrad.RowSparse)   bag[p] = p, scale[p] = 1     values: (n, width)
+//   bags      (mx_adagrad.BagGrad)     the bag of id p, its scale  values: (bags, width)
+//
+// Summed, as mx_adagrad.sparse.coalesce and mx_adagrad.bags define it, row r receives its
+// terms in order of position, starting from +0.0, each product rounded before it is added:
+//
+//   row[r] = ((0 + scale[p1] * values[bag[p1]]) + scale[p2] * values[bag[p2]]) + ...
+//
+// for p1 < p2 < ... the positions with ids[p] == r. Ids outside [0, num_rows) (padding) and
+// terms whose bag is outside [0, bags) add nothing.
+
+#ifndef MX_ADAGRAD_NATIVE_GROUPS_H_
+#define MX_ADAGRAD_NATIVE_GROUPS_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace mx_adagrad {
+
+constexpr int kRadixBits = 11;
+constexpr uint64_t kRadix = uint64_t{1} << kRadixBits;
+
+// The positions of a gradient's terms grouped by row, rows ascending, positions ascending in
+// each group: group k is row unique[k], positions order[start[k]], ..., order[start[k + 1] - 1].
+struct Groups {
+  std::vector<int64_t> unique;
+  std::vector<int64_t> start;
+  std::vector<int64_t> order;
+  std::vector<uint64_t> keys, keys_tmp;  // scratch of the sort, kept to reuse its memory
+  std::vector<int64_t> order_tmp;
+  std::vector<size_t> count;
+
+  int64_t size() const { return static_cast<int64_t>(unique.size()); }
+};
+
+// Groups the terms of ids[0, n): a stable least-significant-digit radix sort of (row, position)
+// by row, kRadixBits bits a pass, as many passes as the largest row needs.
+template <typename Id>
+void GroupIds(const Id* ids, int64_t n, int64_t num_rows, const int32_t* bag, int64_t bags,
+              Groups& g) {
+  g.keys.clear();
+  g.order.clear();
+  uint64_t largest = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t id = static_cast<int64_t>(ids[p]);
+    if (id < 0 || id >= num_rows) continue;
+    if (bag != nullptr && (bag[p] < 0 || bag[p] >= bags)) continue;
+    g.keys.push_back(static_cast<uint64_t>(id));
+    g.order.push_back(p);
+    largest = std::max(largest, static_cast<uint64_t>(id));
+  }
+  const size_t m = g.keys.size();
+  g.keys_tmp.resize(m);
+  g.order_tmp.resize(m);
+  g.count.assign(kRadix, 0);
+  for (int shift = 0; shift < 64 && (largest >> shift) != 0; shift += kRadixBits) {
+    std::fill(g.count.begin(), g.count.end(), 0);
+    for (uint64_t k : g.keys) ++g.count[(k >> shift) & (kRadix - 1)];
+    size_t total = 0;
+    for (size_t& c : g.count) {
+      const size_t here = c;
+      c = total;
+      total += here;
+    }
+    for (size_t i = 0; i < m; ++i) {
+      const size_t to = g.count[(g.keys[i] >> shift) & (kRadix - 1)]++;
+      g.keys_tmp[to] = g.keys[i];
+      g.order_tmp[to] = g.order[i];
+    }
+    g.keys.swap(g.keys_tmp);
+    g.order.swap(g.order_tmp);
+  }
+  g.unique.clear();
+  g.start.clear();
+  for (size_t j = 0; j < m; ++j) {
+    if (j == 0 || g.keys[j] != g.keys[j - 1]) {
+      g.unique.push_back(static_cast<int64_t>(g.keys[j]));
+      g.start.push_back(static_cast<int64_t>(j));
+    }
+  }
+  g.start.push_back(static_cast<int64_t>(m));
+}
+
+// Where the terms' values come from: values (rows of `width` floats), and per position its bag
+// (nullptr: the position itself) and its scale (nullptr: 1).
+struct Terms {
+  const float* values;
+  const int32_t* bag;
+  const float* scale;
+  int64_t width;
+};
+
+// Terms ahead of the one being added whose value rows are requested early.
+constexpr int64_t kPrefetchTerms = 8;
+
+// out[0, width) = the sum of group k's terms (see the top).
+inline void SumGroup(const Terms& t, const Groups& g, int64_t k, float* __restrict out) {
+  const int64_t width = t.width;
+  std::memset(out, 0, sizeof(float) * static_cast<size_t>(width));
+  const int64_t begin = g.start[k], end = g.start[k + 1];
+  for (int64_t j = begin; j < end; ++j) {
+    if (j + kPrefetchTerms < end) {
+      const int64_t ahead = g.order[j + kPrefetchTerms];
+      __builtin_prefetch(t.values + (t.bag ? t.bag[ahead] : ahead) * width);
+    }
+    const int64_t p = g.order[j];
+    const float* __restrict in = t.values + (t.bag ? t.bag[p] : p) * width;
+    if (t.scale != nullptr) {
+      const float s = t.scale[p];
+      for (int64_t e = 0; e < width; ++e) out[e] += s * in[e];
+    } else {
+      for (int64_t e = 0; e < width; ++e) out[e] += in[e];
+    }
+  }
+}
+
+}  // namespace mx_adagrad
+
+#endif  // MX_ADAGRAD_NATIVE_GROUPS_H_
