@@ -5,8 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
 PIP_INSTALL := $(PY) -m pip install -q -c $(CONSTRAINTS)
-# CI's torch (.ci/run); the lock pins it and the packages it pulls in.
-TORCH := torch==2.13.0
+# CI's torch and FBGEMM (.ci/run); the lock pins them and the packages they pull in.
+TORCH := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 LOCK_VENV := .venv-lock
 
 .PHONY: venv test demo bench lint format lock clean

@@ -151,29 +151,51 @@ def lookup(where: str, table: Any, bags: Any, mode: str) -> Lookup:
         )
     num_rows = jnp.shape(table)[0]
     dtype = jnp.result_type(table)
+    mean = mode == "mean"
     if isinstance(bags, Bags):
         if bags.weights is not None and mode != "sum":
             _checks.fail(where, "mode", "'sum' for Bags with weights (a weighted sum)", mode)
         ids, offsets = bags.ids, bags.offsets
-        n, num_bags = ids.shape[0], bags.num_bags
-        positions = jnp.arange(n, dtype=offsets.dtype)
-        bag = jnp.searchsorted(offsets[1:], positions, side="right").astype(jnp.int32)
-        weights = None if bags.weights is None else bags.weights.astype(dtype)
-    else:
-        bags = jnp.asarray(bags)
-        _integer_array(where, "bags", bags, ndim=2)
-        num_bags, length = bags.shape
-        ids, n = bags.reshape(-1), num_bags * length
-        offsets = jnp.arange(0, n + 1, max(length, 1), dtype=jnp.int32)[: num_bags + 1]
-        bag = jnp.repeat(jnp.arange(num_bags, dtype=jnp.int32), length, total_repeat_length=n)
-        weights = None
+        weights = jnp.zeros(0, dtype) if bags.weights is None else bags.weights.astype(dtype)
+        bag, scale = sparse._native_on_cpu(
+            functools.partial(_native.bag_terms, num_rows=num_rows, mean=mean),
+            functools.partial(_bag_terms_xla, num_rows=num_rows, mean=mean),
+            ids,
+            offsets,
+            weights,
+            eligible=dtype == jnp.float32 and ids.shape[0] > 0,
+        )
+        return Lookup(ids, offsets, bag, scale)
+    bags = jnp.asarray(bags)
+    _integer_array(where, "bags", bags, ndim=2)
+    num_bags, length = bags.shape
+    ids, n = bags.reshape(-1), num_bags * length
+    offsets = jnp.arange(0, n + 1, max(length, 1), dtype=jnp.int32)[: num_bags + 1]
+    bag = jax.lax.broadcasted_iota(jnp.int32, (num_bags, length), 0).reshape(n)
     valid = (ids >= 0) & (ids < num_rows)
-    if mode == "mean":
-        counts = jax.ops.segment_sum(valid.astype(jnp.int32), bag, num_segments=num_bags)
-        scale = 1 / jnp.maximum(counts, 1).astype(dtype)[bag]
+    if mean:
+        counts = jnp.sum(valid.reshape(num_bags, length), axis=1, dtype=jnp.int32)
+        scale = jnp.repeat(1 / jnp.maximum(counts, 1).astype(dtype), length)
     else:
-        scale = jnp.ones(n, dtype) if weights is None else weights
+        scale = jnp.ones(n, dtype)
     return Lookup(ids, offsets, bag, jnp.where(valid, scale, 0).astype(dtype))
+
+
+def _bag_terms_xla(
+    ids: chex.Array, offsets: chex.Array, weights: chex.Array, num_rows: int, mean: bool
+) -> tuple[chex.Array, chex.Array]:
+    """The bag of each id and its scale (0 at padding ids), from offsets: XLA operations."""
+    n, num_bags = ids.shape[0], offsets.shape[0] - 1
+    positions = jnp.arange(n, dtype=offsets.dtype)
+    bag = jnp.searchsorted(offsets[1:], positions, side="right", method="scan_unrolled")
+    bag = bag.astype(jnp.int32)
+    valid = (ids >= 0) & (ids < num_rows)
+    if mean:
+        counts = jax.ops.segment_sum(valid.astype(jnp.int32), bag, num_segments=num_bags)
+        scale = 1 / jnp.maximum(counts, 1).astype(weights.dtype)[jnp.minimum(bag, num_bags - 1)]
+    else:
+        scale = jnp.ones(n, weights.dtype) if weights.shape[0] == 0 else weights
+    return bag, jnp.where(valid, scale, 0).astype(weights.dtype)
 
 
 def _describe(x: Any) -> str:

@@ -6,17 +6,22 @@ passes over memory per parameter (it has no multi-output loop fusion by default:
 the history, the next reads it back to write the weight). And every leaf is its own pair of loops
 and its own three arrays crossing the ``jit`` boundary: with a thousand small leaves that overhead
 costs ten times the arithmetic. This module offers two opt-in remedies, each bitwise equal to
-``mx_adagrad.adagrad`` + ``apply_updates``:
+its optax form (``tx.update`` + ``apply_updates``):
 
-* :func:`fused_adagrad`: ``step(params, grads, state) -> (params, state)``, with the optimizer
-  state of ``mx_adagrad.adagrad`` (the same pytree: one history per parameter, plus the float32
-  master copies with ``multi_precision``; checkpoints and the two APIs are interchangeable). On the
-  CPU backend it updates every dense float32 leaf (and, with ``multi_precision``, every
-  float16/bfloat16 leaf) in one pass over memory, up to 64 leaves per native call
-  (:mod:`mx_adagrad._native`); anywhere else (GPU, TPU, no C++ compiler, RowSparse gradients,
-  other dtypes) it is the XLA program of ``mx_adagrad.adagrad``. The native call has a sharding
+* the one-pass forms :func:`fused_adagrad` (of ``mx_adagrad.adagrad``) and
+  :func:`fused_rowwise_adagrad` (of ``mx_adagrad.rowwise_adagrad``); :func:`one_pass` finds the
+  one of a transformation. ``step(params, grads, state) -> (params, state)``, with the optimizer
+  state of the transformation (the same pytree: checkpoints and the two APIs are
+  interchangeable). On the CPU backend every dense float32 leaf (and, with ``multi_precision``,
+  every float16/bfloat16 leaf of the element-wise form) is updated in one pass over memory, up to
+  64 leaves per native call, and every float32 table with a :class:`~mx_adagrad.RowSparse` or
+  :class:`~mx_adagrad.BagGrad` gradient is updated on its touched rows in place, all tables in
+  one native call (:mod:`mx_adagrad._native`); anywhere else (GPU, TPU, no C++ compiler, other
+  dtypes) it is the XLA program of the transformation. The dense native call has a sharding
   rule: with parameters placed over a device mesh, each device steps its own shards, with no
-  collective and every sharding kept.
+  collective and every sharding kept. A variant is its transformation and its kernels' rule
+  (element-wise or row-wise history), nothing else: the arithmetic lives in
+  ``mx_adagrad/_native/step.h`` once.
 * :func:`ravel` and :class:`FlatParams`: the parameters as one 1-D buffer per
   ``(dtype, lr_mult, wd_mult)`` group, kept flat across steps. Differentiate with respect to the
   :class:`FlatParams` (``loss_fn(flat.unravel(), ...)``) and the gradients come flat too; any

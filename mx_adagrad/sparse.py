@@ -330,7 +330,9 @@ def huge_pages(*arrays: jax.Array) -> int:
 
 
 def check_indices(grads: Any) -> None:
-    """Inside a ``checkify``-ed function: reports the first out-of-range id of every RowSparse.
+    """Inside a ``checkify``-ed function: reports the first out-of-range id of every RowSparse
+    and :class:`~mx_adagrad.BagGrad` (whose padding ids it reports too: use it where every id is
+    meant to be a row).
 
     Example::
 
@@ -351,7 +353,7 @@ def check_indices(grads: Any) -> None:
             first = leaf.indices[jnp.argmax(bad)]
             checkify.check(
                 ~jnp.any(bad),
-                f"mx_adagrad.RowSparse: grads[{path!r}] indices must be row ids in "
+                f"mx_adagrad.{type(leaf).__name__}: grads[{path!r}] indices must be row ids in "
                 f"[0, {num_rows}), got id {{bad_id}}",
                 bad_id=first,
             )

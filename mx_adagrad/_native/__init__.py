@@ -79,6 +79,7 @@ COALESCE_TARGET = ("mx_adagrad_coalesce_f32", "MxAdagradCoalesceF32")
 COALESCE_BAGS_TARGET = ("mx_adagrad_coalesce_bags_f32", "MxAdagradCoalesceBagsF32")
 SPARSE_STEP_TARGET = ("mx_adagrad_sparse_step_f32", "MxAdagradSparseStepF32")
 BAG_POOL_TARGET = ("mx_adagrad_bag_pool_f32", "MxAdagradBagPoolF32")
+BAG_TERMS_TARGET = ("mx_adagrad_bag_terms_f32", "MxAdagradBagTermsF32")
 ROWS_TARGETS = {
     "gather": ("mx_adagrad_gather_rows", "MxAdagradGatherRows"),
     "scatter": ("mx_adagrad_scatter_rows", "MxAdagradScatterRows"),
@@ -173,6 +174,7 @@ def load() -> bool:
             COALESCE_BAGS_TARGET,
             SPARSE_STEP_TARGET,
             BAG_POOL_TARGET,
+            BAG_TERMS_TARGET,
             *ROWS_TARGETS.values(),
         ):
             jax.ffi.register_ffi_target(
@@ -338,6 +340,23 @@ def coalesce_bags(
         vmap_method="sequential",
     )
     return call(indices, bag, scale, bag_grads, num_rows=np.int64(num_rows))
+
+
+def bag_terms(
+    ids: jax.Array, offsets: jax.Array, weights: jax.Array, num_rows: int, mean: bool
+) -> tuple[jax.Array, jax.Array]:
+    """``bags.cc``'s bag of each id and its scale (CPU only), as
+    :func:`mx_adagrad.bags._bag_terms_xla` computes them: int32 ``bag (n,)``, the number of
+    ``offsets[1:]`` at or below each position, and float32 ``scale (n,)``: ``weights`` (1 when
+    ``weights`` has size 0), or with ``mean`` one over the bag's count of ids in ``[0,
+    num_rows)``; 0 at the other ids."""
+    ids, offsets, weights = _varying_alike(ids, offsets, weights)
+    shapes = (
+        jax.ShapeDtypeStruct.like(ids).update(dtype=jnp.int32),
+        jax.ShapeDtypeStruct.like(ids).update(dtype=jnp.float32),
+    )
+    call = jax.ffi.ffi_call(BAG_TERMS_TARGET[0], shapes, vmap_method="sequential")
+    return call(ids, offsets, weights, num_rows=np.int64(num_rows), mean=np.int64(mean))
 
 
 def bag_pool(

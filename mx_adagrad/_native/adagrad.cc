@@ -19,6 +19,14 @@
 // master copy and history, and write the weight as XLA does, weight + (low(master) - weight)
 // rounded to the weight's dtype.
 //
+// The row-wise handler (MxAdagradRowwiseStepF32, mx_adagrad.rowwise_adagrad) steps float32 leaves
+// of two or more axes a row at a time, one history number per row (step.h: RowwiseRow):
+//
+//   g = as above;  history = history + sum(g * g) * (1 / width);  weight = weight + g * (1 /
+//   (sqrt(history) + epsilon)) * neg_lr
+//
+// with the sum in the order mx_adagrad.transforms writes it, so it too is bitwise its optax form.
+//
 // Build flags (mx_adagrad/_native/__init__.py): -O3 -march=native -fno-math-errno
 // -ffp-contract=off. Without -fno-math-errno the sqrt does not vectorize; -ffp-contract=off keeps
 // the compiler from contracting anything beyond the explicit Fma() calls. Neither flag changes an

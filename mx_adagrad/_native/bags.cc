@@ -1,5 +1,6 @@
 // Pooled lookups of embedding bags (mx_adagrad.bags) for the XLA CPU backend: every table's bags
-// in one call, on the threads of XLA's pool.
+// in one call, on the threads of XLA's pool; and the bag and scale of each id of Bags given by
+// offsets (BagTerms, at the end).
 //
 //   pooled[b] = ((0 + scale[i0] * table[ids[i0]]) + scale[i1] * table[ids[i1]]) + ...
 //
@@ -136,7 +137,82 @@ ffi::Error Pool(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
   return ffi::Error::Success();
 }
 
+template <typename Id, typename Offset>
+void Terms(const Id* ids, int64_t n, const Offset* offsets, int64_t bags, const float* weights,
+           int64_t num_rows, bool mean, int32_t* bag, float* scale) {
+  // bag[i]: how many of offsets[1..bags] are <= i (a search of the sorted offsets, walked).
+  int64_t b = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    while (b < bags && static_cast<int64_t>(offsets[b + 1]) <= i) ++b;
+    bag[i] = static_cast<int32_t>(b);
+  }
+  auto valid = [&](int64_t i) {
+    const int64_t id = static_cast<int64_t>(ids[i]);
+    return id >= 0 && id < num_rows;
+  };
+  if (!mean) {
+    for (int64_t i = 0; i < n; ++i) scale[i] = valid(i) ? (weights ? weights[i] : 1.0f) : 0.0f;
+    return;
+  }
+  std::vector<int32_t> count(static_cast<size_t>(bags) + 1, 0);
+  for (int64_t i = 0; i < n; ++i) count[bag[i]] += valid(i) ? 1 : 0;
+  for (int64_t i = 0; i < n; ++i) {
+    // A position past the last bag takes the last bag's count, as the XLA program clamps.
+    const int32_t c = count[std::min<int64_t>(bag[i], std::max<int64_t>(bags - 1, 0))];
+    scale[i] = valid(i) ? 1.0f / static_cast<float>(std::max(c, 1)) : 0.0f;
+  }
+}
+
+template <typename Id>
+ffi::Error TermsFor(const ffi::AnyBuffer& ids, const ffi::AnyBuffer& offsets, const float* weights,
+                    int64_t num_rows, bool mean, int32_t* bag, float* scale) {
+  const int64_t n = static_cast<int64_t>(ids.element_count());
+  const int64_t bags = static_cast<int64_t>(offsets.element_count()) - 1;
+  const Id* id = static_cast<const Id*>(ids.untyped_data());
+  if (offsets.element_type() == ffi::DataType::S64) {
+    Terms(id, n, static_cast<const int64_t*>(offsets.untyped_data()), bags, weights, num_rows,
+          mean, bag, scale);
+  } else {
+    Terms(id, n, static_cast<const int32_t*>(offsets.untyped_data()), bags, weights, num_rows,
+          mean, bag, scale);
+  }
+  return ffi::Error::Success();
+}
+
+// Arguments: ids s32[n] or s64[n], offsets s32[bags + 1] or s64[bags + 1], weights f32[n] or
+// f32[0] (none). Results: bag s32[n], scale f32[n]. Attributes: num_rows, mean (1 or 0).
+//   bag[i]   = the number of offsets[1:] <= i   (jnp.searchsorted(offsets[1:], i, side="right"))
+//   scale[i] = 0 where ids[i] is padding; else weights[i] (1 without weights), or with mean
+//              1 / (the count of non-padding ids of bag[i])
+ffi::Error BagTerms(ffi::AnyBuffer ids, ffi::AnyBuffer offsets, ffi::Buffer<ffi::F32> weights,
+                    ffi::Result<ffi::Buffer<ffi::S32>> bag, ffi::Result<ffi::Buffer<ffi::F32>> scale,
+                    int64_t num_rows, int64_t mean) {
+  const size_t n = ids.element_count();
+  if (!IsIndex(ids) || !IsIndex(offsets) || offsets.element_count() < 1 ||
+      (weights.element_count() != 0 && weights.element_count() != n) ||
+      bag->element_count() != n || scale->element_count() != n) {
+    return ffi::Error::InvalidArgument("mx_adagrad: bag terms got mismatched operands");
+  }
+  const float* w = weights.element_count() == 0 ? nullptr : weights.typed_data();
+  if (ids.element_type() == ffi::DataType::S64) {
+    return TermsFor<int64_t>(ids, offsets, w, num_rows, mean != 0, bag->typed_data(),
+                             scale->typed_data());
+  }
+  return TermsFor<int32_t>(ids, offsets, w, num_rows, mean != 0, bag->typed_data(),
+                           scale->typed_data());
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradBagTermsF32, BagTerms,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_rows")
+                                  .Attr<int64_t>("mean"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradBagPoolF32, Pool,
                               ffi::Ffi::Bind()
