@@ -26,7 +26,7 @@ namespace {
 // Bags per task.
 constexpr int64_t kBagsPerTask = 64;
 // Positions ahead of the one being added whose table rows are requested early.
-constexpr int64_t kPrefetchIds = 8;
+constexpr int64_t kPrefetchIds = 32;
 
 struct Table {
   const float* rows;

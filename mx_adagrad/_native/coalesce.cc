@@ -26,7 +26,8 @@ using mx_adagrad::Terms;
 template <typename Id>
 void CoalesceIds(const Id* ids, Id* ids_out, const Terms& terms, int64_t bags, float* rows_out,
                  int64_t n, int64_t num_rows) {
-  thread_local Groups groups;
+  mx_adagrad::LeasedGroups leased;
+  Groups& groups = *leased;
   mx_adagrad::GroupIds(ids, n, num_rows, terms.bag, bags, groups);
   const int64_t count = groups.size();
   for (int64_t k = 0; k < count; ++k) {

@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 namespace mx_adagrad {
@@ -34,56 +36,97 @@ struct Groups {
   std::vector<int64_t> start;
   std::vector<int64_t> order;
   std::vector<uint64_t> keys, keys_tmp;  // scratch of the sort, kept to reuse its memory
-  std::vector<int64_t> order_tmp;
   std::vector<size_t> count;
 
   int64_t size() const { return static_cast<int64_t>(unique.size()); }
 };
 
-// Groups the terms of ids[0, n): a stable least-significant-digit radix sort of (row, position)
-// by row, kRadixBits bits a pass, as many passes as the largest row needs.
+// A Groups taken from a process-wide free list for the length of a call and given back after:
+// its buffers keep their memory from call to call, whichever of XLA's threads makes the call
+// (fresh buffers of this size come from mmap, and their first touch costs page faults that
+// take longer than the sort itself).
+class LeasedGroups {
+ public:
+  LeasedGroups() {
+    std::lock_guard<std::mutex> lock(Mutex());
+    auto& free = Free();
+    if (free.empty()) {
+      groups_ = std::make_unique<Groups>();
+    } else {
+      groups_ = std::move(free.back());
+      free.pop_back();
+    }
+  }
+  ~LeasedGroups() {
+    if (!groups_) return;
+    std::lock_guard<std::mutex> lock(Mutex());
+    Free().push_back(std::move(groups_));
+  }
+  LeasedGroups(LeasedGroups&&) = default;
+  LeasedGroups& operator=(LeasedGroups&&) = default;
+  Groups& operator*() { return *groups_; }
+  Groups* get() { return groups_.get(); }
+
+ private:
+  static std::mutex& Mutex() {
+    static std::mutex mutex;
+    return mutex;
+  }
+  static std::vector<std::unique_ptr<Groups>>& Free() {
+    static std::vector<std::unique_ptr<Groups>> free;
+    return free;
+  }
+  std::unique_ptr<Groups> groups_;
+};
+
+// Groups the terms of ids[0, n): a stable least-significant-digit radix sort of the pairs (row,
+// position) by row, packed in one 64-bit word each (row above, position below), kRadixBits bits a
+// pass, as many passes as the largest row needs, every pass's histogram counted in one first pass.
 template <typename Id>
 void GroupIds(const Id* ids, int64_t n, int64_t num_rows, const int32_t* bag, int64_t bags,
               Groups& g) {
-  g.keys.clear();
-  g.order.clear();
+  g.keys.resize(static_cast<size_t>(n));
+  size_t m = 0;
   uint64_t largest = 0;
   for (int64_t p = 0; p < n; ++p) {
     const int64_t id = static_cast<int64_t>(ids[p]);
-    if (id < 0 || id >= num_rows) continue;
-    if (bag != nullptr && (bag[p] < 0 || bag[p] >= bags)) continue;
-    g.keys.push_back(static_cast<uint64_t>(id));
-    g.order.push_back(p);
-    largest = std::max(largest, static_cast<uint64_t>(id));
+    const bool valid = id >= 0 && id < num_rows && (bag == nullptr || (bag[p] >= 0 && bag[p] < bags));
+    g.keys[m] = (static_cast<uint64_t>(id) << 32) | static_cast<uint64_t>(p);
+    largest = valid ? std::max(largest, static_cast<uint64_t>(id)) : largest;
+    m += valid;
   }
-  const size_t m = g.keys.size();
+  g.keys.resize(m);
+  int passes = 0;
+  while (passes * kRadixBits < 32 && (largest >> (passes * kRadixBits)) != 0) ++passes;
+  g.count.assign(kRadix * static_cast<size_t>(passes), 0);
+  for (uint64_t k : g.keys) {
+    for (int d = 0; d < passes; ++d) ++g.count[d * kRadix + ((k >> (32 + d * kRadixBits)) & (kRadix - 1))];
+  }
   g.keys_tmp.resize(m);
-  g.order_tmp.resize(m);
-  g.count.assign(kRadix, 0);
-  for (int shift = 0; shift < 64 && (largest >> shift) != 0; shift += kRadixBits) {
-    std::fill(g.count.begin(), g.count.end(), 0);
-    for (uint64_t k : g.keys) ++g.count[(k >> shift) & (kRadix - 1)];
+  for (int d = 0; d < passes; ++d) {
+    size_t* count = g.count.data() + d * kRadix;
     size_t total = 0;
-    for (size_t& c : g.count) {
-      const size_t here = c;
-      c = total;
+    for (size_t b = 0; b < kRadix; ++b) {
+      const size_t here = count[b];
+      count[b] = total;
       total += here;
     }
-    for (size_t i = 0; i < m; ++i) {
-      const size_t to = g.count[(g.keys[i] >> shift) & (kRadix - 1)]++;
-      g.keys_tmp[to] = g.keys[i];
-      g.order_tmp[to] = g.order[i];
-    }
+    const int shift = 32 + d * kRadixBits;
+    for (uint64_t k : g.keys) g.keys_tmp[count[(k >> shift) & (kRadix - 1)]++] = k;
     g.keys.swap(g.keys_tmp);
-    g.order.swap(g.order_tmp);
   }
   g.unique.clear();
   g.start.clear();
+  g.order.resize(m);
+  uint64_t previous = ~uint64_t{0};
   for (size_t j = 0; j < m; ++j) {
-    if (j == 0 || g.keys[j] != g.keys[j - 1]) {
-      g.unique.push_back(static_cast<int64_t>(g.keys[j]));
+    const uint64_t row = g.keys[j] >> 32;
+    if (row != previous) {
+      g.unique.push_back(static_cast<int64_t>(row));
       g.start.push_back(static_cast<int64_t>(j));
+      previous = row;
     }
+    g.order[j] = static_cast<int64_t>(g.keys[j] & 0xffffffffu);
   }
   g.start.push_back(static_cast<int64_t>(m));
 }

@@ -129,8 +129,7 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
   const Hyper hp{p[0], p[1], p[2]};
   const bool rescale_fma = p[3] != 0.0f;
   const float* c = coef.typed_data();
-  thread_local std::vector<Groups> groups;
-  if (groups.size() < count) groups.resize(count);
+  std::vector<LeasedGroups> groups(count);
   std::vector<Table> tables;
   for (size_t i = 0; i < count; ++i) {
     auto ids = args.get<ffi::AnyBuffer>(i * kArgsPerTable);
@@ -185,7 +184,7 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
     t.neg_lr = c[3 * i];
     t.wd = c[3 * i + 1];
     t.decay = c[3 * i + 2] != 0.0f;
-    t.groups = &groups[i];
+    t.groups = groups[i].get();
     tables.push_back(t);
   }
   const int64_t threads = pool.num_threads();
