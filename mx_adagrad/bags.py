@@ -162,9 +162,11 @@ def lookup(where: str, table: Any, bags: Any, mode: str) -> Lookup:
             functools.partial(_bag_terms_xla, num_rows=num_rows, mean=mean),
             ids,
             offsets,
-            weights,
+            jax.lax.stop_gradient(weights),
             eligible=dtype == jnp.float32 and ids.shape[0] > 0,
         )
+        if bags.weights is not None:  # the same values, with the weights' gradient
+            scale = jnp.where((ids >= 0) & (ids < num_rows), weights, 0).astype(dtype)
         return Lookup(ids, offsets, bag, scale)
     bags = jnp.asarray(bags)
     _integer_array(where, "bags", bags, ndim=2)
@@ -295,11 +297,13 @@ def embedding_bag(table: chex.Array, bags: chex.Array | Bags, mode: str = "sum")
       Array([[2., 4.],
              [6., 7.]], dtype=float32)
     """
-    lk = lookup("embedding_bag", table, bags, mode)
-    scale = lk.scale if isinstance(bags, Bags) and bags.weights is not None else None
-    if scale is None:  # scales made of integers: no gradient flows to them
-        scale = jax.lax.stop_gradient(lk.scale)
-    return _embedding_bag(jnp.asarray(table), lk.ids, lk.offsets, lk.bag, scale)
+    return pooled(jnp.asarray(table), lookup("embedding_bag", table, bags, mode))
+
+
+def pooled(table: chex.Array, lookup: Lookup) -> jax.Array:
+    """:func:`embedding_bag` of bags already normalized by :func:`lookup`: differentiable with
+    respect to the table and to the scales (which hold the weights of a weighted sum)."""
+    return _embedding_bag(table, lookup.ids, lookup.offsets, lookup.bag, lookup.scale)
 
 
 @jax.tree_util.register_pytree_node_class

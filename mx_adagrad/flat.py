@@ -494,10 +494,6 @@ def _none(x: Any) -> bool:
     return x is None
 
 
-def _none(x: Any) -> bool:
-    return x is None
-
-
 def _none_or_sparse(x: Any) -> bool:
     return x is None or _checks.is_sparse(x)
 

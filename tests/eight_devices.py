@@ -104,7 +104,9 @@ def collectives(compiled) -> list[str]:
 
 def native_calls(compiled) -> list[str]:
     """The dense one-pass step kernels' custom calls in a compiled program's HLO."""
-    return re.findall(r'custom_call_target="(mx_adagrad_(?:rowwise_)?step_\w+)"', compiled.as_text())
+    return re.findall(
+        r'custom_call_target="(mx_adagrad_(?:rowwise_)?step_\w+)"', compiled.as_text()
+    )
 
 
 def sharded_params(mesh: Mesh) -> dict[str, jax.Array]:

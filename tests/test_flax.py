@@ -1,4 +1,4 @@
-"""mx_adagrad.flax: the NNX Optimizer, Embed + value_and_grad, and Linen's TrainState.
+"""mx_adagrad.flax: the NNX Optimizer, Embed/EmbedBag + value_and_grad, and Linen's TrainState.
 
 What is checked, each against an independent path run with the same transformation:
 
@@ -14,6 +14,13 @@ What is checked, each against an independent path run with the same transformati
 * An NNX model with an ``Embed`` table trained with ``value_and_grad`` + ``Optimizer`` equals the
   plain-JAX RowSparse step (``mx_adagrad.value_and_row_grad`` + ``tx.update`` +
   ``mx_adagrad.apply_updates``) bit for bit; rows no step touched stay bit-identical.
+* ``EmbedBag`` pools as a float64 transcription of ``embedding_bag`` (sum, mean, padding, Bags with
+  weights); under ``value_and_grad`` its table's gradient is a ``BagGrad`` (calls concatenated)
+  whose dense form is ``nnx.value_and_grad``'s, the other leaves bit for bit. Two EmbedBag tables
+  and a Linear trained with ``Optimizer`` + ``fused_adagrad`` or ``fused_rowwise_adagrad`` equal
+  the plain-pytree ``value_and_bag_grad`` + ``fused.step`` bit for bit and the float64 AdaGrad
+  step within float32 rounding; the compiled step calls the native sparse kernel and holds no
+  table-sized array and no row per lookup.
 * ``TrainState`` equals Flax's ``TrainState`` bit for bit, dense and with RowSparse gradients.
 * Orbax: an NNX model and optimizer saved mid-training and restored continue bit for bit.
 * On 8 CPU devices (child process, ``tests/eight_devices.py``): the one-pass ``Optimizer`` step on
@@ -25,6 +32,8 @@ What is checked, each against an independent path run with the same transformati
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 import sys
 
 import jax
@@ -476,6 +485,358 @@ def test_orbax_resume_of_the_nnx_optimizer_is_bitwise(tmp_path):
     assert_bitwise(leaves(resumed_model), leaves(want_model))
     assert_bitwise(leaves(resumed_optimizer), leaves(want_optimizer))
     assert int(resumed_optimizer.step[...]) == len(batches_)
+
+
+# Embedding bags: EmbedBag tables and their BagGrad gradients.
+
+BAG_ROWS, BAG_DIM = 300, 8
+BAG_IDS = np.array([5, 5, 9, -1, 2, 11, BAG_ROWS, 4], np.int32)
+BAG_OFFSETS = np.array([0, 3, 3, 7, 8], np.int32)  # bags of 3, 0, 4 and 1 ids
+BAG_WEIGHTS = np.array([0.5, 2.0, -1.0, 3.0, 1.5, 0.25, 4.0, 1.0], np.float32)
+
+
+def numpy_pool(table, bags, mode):
+    """float64 transcription of embedding_bag on bags given as ``[(ids, weights)]``: padding ids
+    (outside ``[0, rows)``) add and count nothing; an empty bag pools to zeros."""
+    table = np.asarray(table, np.float64)
+    out = np.zeros((len(bags), table.shape[1]))
+    for b, (ids, weights) in enumerate(bags):
+        valid = [(i, w) for i, w in zip(ids, weights) if 0 <= i < table.shape[0]]
+        for i, w in valid:
+            out[b] += w * table[i]
+        if mode == "mean" and valid:
+            out[b] /= len(valid)
+    return out
+
+
+def bag_inputs(kind: str):
+    """``(bags as EmbedBag takes them, the same bags as [(ids, weights)])``; every kind has
+    padding ids (-1 and ``BAG_ROWS``), duplicates and a bag of padding only or an empty bag."""
+    if kind == "array":
+        ids = np.array([[3, 3, 7, -1], [-1, -1, -1, -1], [0, BAG_ROWS - 1, BAG_ROWS, 12]])
+        return jnp.asarray(ids, jnp.int32), [(row, np.ones(4)) for row in ids]
+    weights = BAG_WEIGHTS if kind == "Bags with weights" else None
+    bags = mx_adagrad.Bags(BAG_IDS, BAG_OFFSETS, weights)
+    ones = np.ones(len(BAG_IDS)) if weights is None else weights.astype(np.float64)
+    return bags, [(BAG_IDS[s:e], ones[s:e]) for s, e in itertools.pairwise(BAG_OFFSETS)]
+
+
+BAG_CASES = [
+    ("sum", "array"),
+    ("mean", "array"),
+    ("sum", "Bags"),
+    ("mean", "Bags"),
+    ("sum", "Bags with weights"),
+]
+
+
+@pytest.mark.parametrize(("mode", "kind"), BAG_CASES, ids=[f"{m}-{k}" for m, k in BAG_CASES])
+def test_embed_bag_pools_as_the_float64_transcription(mode, kind):
+    bag = mxf.EmbedBag(BAG_ROWS, BAG_DIM, mode, rngs=nnx.Rngs(0))
+    bags, python_bags = bag_inputs(kind)
+    pooled = bag(bags)
+    assert pooled.shape == (len(python_bags), BAG_DIM) and pooled.dtype == jnp.float32
+    want = numpy_pool(bag.embedding[...], python_bags, mode)
+    np.testing.assert_allclose(pooled, want, rtol=1e-6, atol=1e-6)  # float32 sums of <= 4 rows
+    # Outside value_and_grad it is embedding_bag of its table, bit for bit.
+    assert_bitwise(pooled, mx_adagrad.embedding_bag(bag.embedding[...], bags, mode))
+
+
+def test_embed_bag_table_is_initialized_like_nnx_embed():
+    ours, theirs = mxf.EmbedBag(50, 6, rngs=nnx.Rngs(3)), nnx.Embed(50, 6, rngs=nnx.Rngs(3))
+    assert_bitwise(ours.embedding[...], theirs.embedding[...])
+    half = mxf.EmbedBag(50, 6, param_dtype=jnp.bfloat16, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    assert half.embedding.dtype == jnp.bfloat16
+    assert half(jnp.array([[1, 2]])).dtype == jnp.float32  # pooled in bfloat16, then promoted
+
+
+class Bagged(nnx.Module):
+    """Two EmbedBag tables, ``user`` called twice, and a Linear on the pooled rows."""
+
+    def __init__(self, rngs):
+        self.user = mxf.EmbedBag(BAG_ROWS, BAG_DIM, rngs=rngs)
+        self.item = mxf.EmbedBag(BAG_ROWS // 2, BAG_DIM, "mean", rngs=rngs)
+        self.linear = nnx.Linear(2 * BAG_DIM, 1, rngs=rngs)
+
+    def __call__(self, user, item, extra):
+        pooled = jnp.concatenate([self.user(user), self.item(item)], axis=1)
+        return self.linear(jnp.tanh(pooled))[:, 0], self.user(extra)
+
+
+def bagged_inputs():
+    user, _ = bag_inputs("array")
+    item = jnp.array([[1, 2, -1], [2, 2, 2], [BAG_ROWS // 2, 0, 149]])  # 150 is padding there
+    return user, item, jnp.array([1.0, 0.0, 1.0])
+
+
+def bagged_loss(model, weights=BAG_WEIGHTS):
+    user, item, labels = bagged_inputs()
+    logits, extra = model(user, item, mx_adagrad.Bags(BAG_IDS, BAG_OFFSETS, weights))
+    return logistic(logits, labels) + 0.1 * jnp.sum(jnp.sin(extra))
+
+
+def test_value_and_grad_gives_embed_bag_tables_a_bag_grad_of_nnx_grads_dense_gradient():
+    model = Bagged(nnx.Rngs(0))
+    loss, grads = mxf.value_and_grad(bagged_loss)(model)
+    want_loss, want = nnx.value_and_grad(bagged_loss)(model)
+    assert_bitwise(loss, want_loss)
+    assert_bitwise(nnx.as_pure(grads["linear"]), nnx.as_pure(want["linear"]))
+    for name, rows in (("user", BAG_ROWS), ("item", BAG_ROWS // 2)):
+        grad = grads[name]["embedding"].get_value()
+        assert isinstance(grad, mx_adagrad.BagGrad) and grad.dense_shape == (rows, BAG_DIM)
+        # nnx.grad scatter-adds the terms into the table, todense in its own order: a few ulps.
+        np.testing.assert_allclose(
+            grad.todense(), want[name]["embedding"][...], rtol=1e-6, atol=1e-9
+        )
+    # user's two calls, concatenated: 3 bags of 4 ids, then the 4 weighted bags numbered from 3.
+    user, _, _ = bagged_inputs()
+    grad = grads["user"]["embedding"].get_value()
+    np.testing.assert_array_equal(grad.indices, np.concatenate([np.ravel(user), BAG_IDS]))
+    np.testing.assert_array_equal(grad.bag, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 3 + [5] * 4 + [6])
+    ids = np.concatenate([np.ravel(user), BAG_IDS])
+    weights = np.concatenate([np.ones(12), BAG_WEIGHTS])
+    np.testing.assert_array_equal(grad.scale, np.where((ids >= 0) & (ids < BAG_ROWS), weights, 0))
+    assert grad.bag_grads.shape == (3 + 4, BAG_DIM)
+    item_scale = grads["item"]["embedding"].get_value().scale
+    np.testing.assert_allclose(item_scale, [0.5, 0.5, 0, 1 / 3, 1 / 3, 1 / 3, 0, 0.5, 0.5])
+    assert_bitwise(
+        mxf.grad(bagged_loss)(model)["linear"]["kernel"][...], want["linear"]["kernel"][...]
+    )
+
+
+def test_value_and_grad_passes_the_gradient_of_bag_weights_on():
+    """Differentiated weights of a weighted bag get embedding_bag's gradient, as under nnx."""
+    model, weights = Bagged(nnx.Rngs(1)), jnp.asarray(BAG_WEIGHTS)
+    _, (grads, weights_grad) = mxf.value_and_grad(bagged_loss, argnums=(0, 1))(model, weights)
+    _, (want, want_weights) = nnx.value_and_grad(bagged_loss, argnums=(0, 1))(model, weights)
+    assert_bitwise(weights_grad, want_weights)
+    assert np.any(np.asarray(weights_grad))
+    np.testing.assert_allclose(
+        grads["user"]["embedding"].get_value().todense(),
+        want["user"]["embedding"][...],
+        rtol=1e-6,
+        atol=1e-9,
+    )
+
+
+TWO_TABLE_ROWS = {"user": 400, "item": 250}
+
+
+class TwoBagTables(nnx.Module):
+    """The model of the training tests: two EmbedBag tables, one bag array and one Bags per
+    example, and a Linear on their pooled rows; ``params`` is it as a plain pytree."""
+
+    def __init__(self, rngs):
+        self.user = mxf.EmbedBag(TWO_TABLE_ROWS["user"], BAG_DIM, rngs=rngs)
+        self.item = mxf.EmbedBag(TWO_TABLE_ROWS["item"], BAG_DIM, "mean", rngs=rngs)
+        self.linear = nnx.Linear(2 * BAG_DIM, 1, rngs=rngs)
+
+    def __call__(self, user, item):
+        return two_table_logits(self.user(user), self.item(item), self.linear)
+
+    def params(self) -> dict:
+        return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+
+
+def two_table_logits(user, item, linear):
+    pooled = jnp.tanh(jnp.concatenate([user, item], axis=1))
+    if isinstance(linear, dict):
+        return pooled @ linear["kernel"][:, 0] + linear["bias"][0]
+    return linear(pooled)[:, 0]
+
+
+TWO_TABLES = ("user/embedding", "item/embedding")
+
+
+def two_table_plain_loss(params, pooled, labels):
+    logits = two_table_logits(pooled[TWO_TABLES[0]], pooled[TWO_TABLES[1]], params["linear"])
+    return logistic(logits, labels)
+
+
+def two_table_batches(count: int, batch: int = 16):
+    """Zipf ids (rows past half of each table never looked up), padding, bags of 0..4 ids."""
+    rng = np.random.default_rng(4)
+    out = []
+    for _ in range(count):
+        rows = TWO_TABLE_ROWS
+        user = (rng.zipf(1.3, (batch, 3)) - 1) % (rows["user"] // 2)
+        user[rng.random(user.shape) < 0.2] = -1
+        n = 3 * batch
+        ids = (rng.zipf(1.3, n) - 1) % (rows["item"] // 2)
+        ids[rng.random(n) < 0.1] = rows["item"]
+        offsets = np.concatenate([[0], np.sort(rng.integers(0, n + 1, batch - 1)), [n]])
+        item = mx_adagrad.Bags(jnp.asarray(ids, jnp.int32), jnp.asarray(offsets, jnp.int32))
+        labels = jnp.asarray(rng.integers(0, 2, batch), jnp.float32)
+        out.append((jnp.asarray(user, jnp.int32), item, labels))
+    return out
+
+
+def numpy_adagrad_step(weight, grad, history, lr, epsilon, rowwise):
+    """float64: ``h += g**2`` (row-wise: the mean of the row's ``g**2``, below two axes
+    element-wise); ``w -= lr * g / (sqrt(h) + epsilon)``."""
+    square = grad**2
+    if rowwise and grad.ndim >= 2:
+        history = history + square.mean(axis=tuple(range(1, grad.ndim)))
+        root = (np.sqrt(history) + epsilon).reshape(-1, *[1] * (grad.ndim - 1))
+    else:
+        history = history + square
+        root = np.sqrt(history) + epsilon
+    return weight - lr * grad / root, history
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["fused_adagrad", "fused_rowwise_adagrad"])
+def test_embed_bag_training_equals_value_and_bag_grad_and_the_float64_reference(rowwise):
+    lr, epsilon = 0.1, 1e-6
+    fused = (flat.fused_rowwise_adagrad if rowwise else flat.fused_adagrad)(lr, epsilon)
+    model = TwoBagTables(nnx.Rngs(0))
+    initial = model.params()
+    optimizer = mxf.Optimizer(model, fused)
+
+    @nnx.jit(donate_argnames=("model", "optimizer"))
+    def step(model, optimizer, user, item, labels):
+        def loss_fn(model):
+            return logistic(model(user, item), labels)
+
+        loss, grads = mxf.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    grad_fn = mx_adagrad.value_and_bag_grad(
+        two_table_plain_loss, TWO_TABLES, mode={TWO_TABLES[0]: "sum", TWO_TABLES[1]: "mean"}
+    )
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def plain_step(params, state, user, item, labels):
+        bags = {TWO_TABLES[0]: user, TWO_TABLES[1]: item}
+        loss, grads = grad_fn(params, bags, labels)
+        return (*fused.step(params, grads, state), loss, grads)
+
+    params = jax.tree.map(jnp.asarray, initial)
+    state = fused.init(params)
+    reference = jax.tree.map(lambda w: np.asarray(w, np.float64), initial)
+    histories = jax.tree.map(
+        lambda w: np.zeros(w.shape[:1] if rowwise and w.ndim >= 2 else w.shape), reference
+    )
+    for user, item, labels in two_table_batches(4):
+        loss = step(model, optimizer, user, item, labels)
+        params, state, plain_loss, grads = plain_step(params, state, user, item, labels)
+        assert_bitwise(loss, plain_loss)
+        dense = jax.tree.map(
+            lambda g: np.asarray(g.todense() if isinstance(g, mx_adagrad.BagGrad) else g, float),
+            grads,
+            is_leaf=lambda g: isinstance(g, mx_adagrad.BagGrad),
+        )
+        stepped = jax.tree.map(
+            lambda w, g, h: numpy_adagrad_step(w, g, h, lr, epsilon, rowwise),
+            reference,
+            dense,
+            histories,
+        )
+        reference = jax.tree.map(lambda _, s: s[0], reference, stepped)
+        histories = jax.tree.map(lambda _, s: s[1], histories, stepped)
+    # NNX and plain pytrees: the same program, bit for bit.
+    assert_bitwise(model.params(), params)
+    assert_bitwise(nnx.as_pure(optimizer.opt_state), state)
+    # The float64 reference, from the float32 run's gradients: float32 rounding over 4 steps.
+    history = optax.tree_utils.tree_get(state, "history")
+    for path, (actual, want) in zip(
+        ("params", "history"), ((params, reference), (history, histories))
+    ):
+        for got, expected in zip(jax.tree.leaves(actual), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=path)
+    # The rows no bag touched: bit-identical, history zero.
+    for name, rows in TWO_TABLE_ROWS.items():
+        table = params[name]["embedding"]
+        assert_bitwise(table[rows // 2 :], initial[name]["embedding"][rows // 2 :])
+        assert not np.any(np.asarray(history[name]["embedding"][rows // 2 :]))
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        flat.fused_adagrad(0.1, wd=1e-4),
+        flat.fused_rowwise_adagrad(0.1, wd=1e-4),
+        mx_adagrad.rowwise_adagrad(0.1, wd=1e-4),
+    ],
+    ids=["fused_adagrad", "fused_rowwise_adagrad", "rowwise_adagrad"],
+)
+def test_embed_bag_one_pass_step_is_the_native_sparse_kernel_without_per_lookup_rows(tx):
+    rows, dim, batch, length = 1 << 16, 32, 64, 16
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.bag = mxf.EmbedBag(rows, dim, "mean", rngs=rngs)
+            self.w = nnx.Param(jnp.ones(dim))
+
+        def __call__(self, bags):
+            return self.bag(bags) @ self.w[...]
+
+    model = Model(nnx.Rngs(0))
+    optimizer = mxf.Optimizer(model, tx)
+    assert optimizer.one_pass is not None
+
+    @nnx.jit(donate_argnames=("model", "optimizer"))
+    def step(model, optimizer, bags, labels):
+        loss, grads = mxf.value_and_grad(lambda m: logistic(m(bags), labels))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    bags = jnp.zeros((batch, length), jnp.int32)
+    compiled = step.lower(model, optimizer, bags, jnp.zeros(batch)).compile()
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    table_bytes, lookup_rows_bytes = rows * dim * 4, batch * length * dim * 4
+    if _native.load():
+        targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+        assert "mx_adagrad_sparse_step_f32" in targets
+        # Neither the table-sized gradient (8 MiB) nor a row per lookup (128 KiB): what remains
+        # is the bags' ids, bag and scale (4 KiB each) and the pooled rows and their gradient.
+        assert temporaries < lookup_rows_bytes // 2 < table_bytes // 64, temporaries
+    else:  # the XLA program: a row per lookup, still nothing table-sized
+        assert temporaries < table_bytes // 16, temporaries
+
+
+def test_embed_bag_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"flax\.EmbedBag: mode must be one of 'sum', 'mean'"):
+        mxf.EmbedBag(10, 3, "max", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"flax\.EmbedBag: num_embeddings must be an int >= 1"):
+        mxf.EmbedBag(0, 3, rngs=nnx.Rngs(0))
+    bag = mxf.EmbedBag(10, 3, "mean", rngs=nnx.Rngs(0))
+    one_dimensional = r"flax\.EmbedBag: bags must be a 2-D integer array, got int32\[3\]"
+    with pytest.raises(ValueError, match=one_dimensional):
+        bag(jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=one_dimensional):  # and inside value_and_grad
+        mxf.value_and_grad(lambda m: m(jnp.array([1, 2, 3])).sum())(bag)
+    with pytest.raises(ValueError, match=r"bags must be a 2-D integer array, got float32\[1, 2\]"):
+        bag(jnp.ones((1, 2)))
+    with pytest.raises(ValueError, match=r"flax\.EmbedBag: mode must be 'sum' for Bags with"):
+        bag(mx_adagrad.Bags(BAG_IDS, BAG_OFFSETS, BAG_WEIGHTS))
+
+
+def test_value_and_grad_refuses_whole_table_reads_of_an_embed_bag():
+    class Reads(nnx.Module):
+        def __init__(self, rngs):
+            self.bag = mxf.EmbedBag(10, 4, rngs=rngs)
+
+        def __call__(self, bags):
+            return (self.bag(bags) @ self.bag.embedding[...].T).sum()
+
+    with pytest.raises(
+        ValueError,
+        match=r"the EmbedBag table args\[0\]\.bag\.embedding must be read by the loss through "
+        r"EmbedBag\.__call__ only",
+    ):
+        mxf.value_and_grad(lambda m: m(jnp.array([[1, 2]])))(Reads(nnx.Rngs(0)))
+
+    bag = mxf.EmbedBag(10, 4, rngs=nnx.Rngs(0))
+
+    def scanned(bag):
+        def body(carry, bags):
+            return carry + bag(bags).sum(), None
+
+        return jax.lax.scan(body, 0.0, jnp.array([[[1, 2]], [[3, 4]]]))[0]
+
+    with pytest.raises(ValueError, match="every EmbedBag lookup must be made in f itself"):
+        mxf.value_and_grad(scanned)(bag)
 
 
 # Linen's TrainState.
