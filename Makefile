@@ -37,6 +37,7 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/fused_vs_torch.py --json benchmarks/results/fused_vs_torch.json
 	$(PY) benchmarks/scaling.py --json benchmarks/results/scaling.json
 	$(PY) benchmarks/sparse_step.py --json benchmarks/results/sparse_step.json
+	$(PY) benchmarks/bag_step.py --json benchmarks/results/bag_step.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

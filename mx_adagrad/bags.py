@@ -172,7 +172,7 @@ def lookup(where: str, table: Any, bags: Any, mode: str) -> Lookup:
     _integer_array(where, "bags", bags, ndim=2)
     num_bags, length = bags.shape
     ids, n = bags.reshape(-1), num_bags * length
-    offsets = jnp.arange(0, n + 1, max(length, 1), dtype=jnp.int32)[: num_bags + 1]
+    offsets = jnp.arange(num_bags + 1, dtype=jnp.int32) * length
     bag = jax.lax.broadcasted_iota(jnp.int32, (num_bags, length), 0).reshape(n)
     valid = (ids >= 0) & (ids < num_rows)
     if mean:
@@ -398,7 +398,8 @@ class BagGrad(_checks.SparseLeaf):
             self.bag_grads,
             eligible=self.dtype == jnp.float32
             and self.scale.dtype == jnp.float32
-            and self.indices.shape[0] > 1,
+            and _native.groupable(num_rows, self.indices.shape[0])
+            and self.indices.shape[0] > 0,
         )
         return sparse.RowSparse.tree_unflatten((self.dense_shape, True), (ids, rows))
 

@@ -530,7 +530,11 @@ def _sparse_eligible(leaf: _Leaf) -> bool:
         return False
     if grad.dense_shape != np.shape(param) or np.ndim(param) < 1 or np.size(param) == 0:
         return False
-    if grad.indices.shape[0] == 0:
+    if not _native.groupable(param.shape[0], grad.indices.shape[0]):
+        return False
+    # A gradient of one element is left to XLA, which compiles a one-element step with other
+    # contractions (and so other last bits) than the kernel's.
+    if grad.indices.shape[0] * np.prod(np.shape(param)[1:], dtype=int) <= 1:
         return False
     if _rowwise(leaf) and (np.ndim(param) < 2 or np.shape(leaf.history) != np.shape(param)[:1]):
         return False

@@ -160,7 +160,9 @@ def coalesce(grad: _checks.SparseLeaf) -> RowSparse:
         grad.indices,
         grad.values,
         # One slot is left to XLA, which turns that scatter-add into a copy (keeping a -0.0).
-        eligible=grad.values.dtype == jnp.float32 and grad.indices.shape[0] > 1,
+        eligible=grad.values.dtype == jnp.float32
+        and grad.indices.shape[0] > 1
+        and _native.groupable(num_rows, grad.indices.shape[0]),
     )
     return RowSparse.tree_unflatten((grad.dense_shape, True), (ids, summed))
 

@@ -177,7 +177,7 @@ def _refuse_sparse_decay(wd: chex.Numeric, updates: optax.Updates, mults: Any) -
         if _checks.is_sparse(g) and _checks.concrete_float(wd * m) != 0.0:
             _checks.fail(
                 "add_decayed_weights",
-                f"wd * wd_mult for the RowSparse gradient {path!r}",
+                f"wd * wd_mult for the sparse gradient {path!r}",
                 "0 with sparse_wd='error' (MXNet refuses weight decay on row_sparse "
                 "gradients; sparse_wd='lazy' decays the touched rows)",
                 wd * m,

@@ -134,3 +134,104 @@ def torchrec_rowwise_step(param, grad, state_sum, *, lr, eps, weight_decay=0.0):
     state_sum = state_sum + (grad**2).mean(1)
     param = param - lr * grad / (np.sqrt(state_sum) + eps)[:, None]
     return param, state_sum
+
+
+def flat_bags(ids, offsets):
+    """Bags as flat ids and offsets: ``(bags, length)`` ids (``offsets`` None) become their rows,
+    bag ``b`` being ``ids[offsets[b]:offsets[b + 1]]``."""
+    ids = np.asarray(ids)
+    if offsets is None:
+        bags, length = ids.shape
+        return ids.reshape(-1), np.arange(bags + 1) * length
+    return ids, np.asarray(offsets)
+
+
+def bag_terms(ids, offsets, weights, mode, num_rows):
+    """The bag of each id and its factor, in float64 (``ids`` flat or ``(bags, length)``, see
+    :func:`flat_bags`)::
+
+        bag[i] = b  where offsets[b] <= i < offsets[b + 1]
+        scale[i] = 1 (sum), weights[i] (weighted sum), 1 / (ids of bag b in [0, num_rows)) (mean)
+        scale[i] = 0 where ids[i] is outside [0, num_rows) (padding)
+    """
+    ids, offsets = flat_bags(ids, offsets)
+    bag = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    valid = (ids >= 0) & (ids < num_rows)
+    if mode == "mean":
+        counts = np.bincount(bag[valid], minlength=offsets.size - 1)
+        scale = 1.0 / np.maximum(counts, 1)[bag]
+    elif weights is None:
+        scale = np.ones(ids.size)
+    else:
+        scale = np.asarray(weights, np.float64)
+    return bag, np.where(valid, scale, 0.0)
+
+
+def pool_bags(table, ids, offsets, weights, mode):
+    """The pooled lookup of embedding bags (torch's ``EmbeddingBag``), in float64::
+
+        pooled[b] = sum(scale[i] * table[ids[i]] for i in bag b)      # scale: bag_terms
+
+    padding ids add nothing and do not count in the mean; an empty bag pools to zeros.
+    """
+    table = np.asarray(table, np.float64)
+    flat_ids, offsets = flat_bags(ids, offsets)
+    bag, scale = bag_terms(flat_ids, offsets, weights, mode, table.shape[0])
+    pooled = np.zeros((offsets.size - 1, table.shape[1]))
+    for i, row in enumerate(flat_ids):
+        if 0 <= row < table.shape[0]:
+            pooled[bag[i]] += scale[i] * table[row]
+    return pooled
+
+
+def bag_table_grad(shape, ids, offsets, weights, mode, d_pooled):
+    """The transpose of :func:`pool_bags`: the dense gradient of the table, in float64::
+
+    d_table[ids[i]] += scale[i] * d_pooled[bag[i]]       for every valid id i
+    """
+    flat_ids, offsets = flat_bags(ids, offsets)
+    bag, scale = bag_terms(flat_ids, offsets, weights, mode, shape[0])
+    d_pooled = np.asarray(d_pooled, np.float64)
+    d_table = np.zeros(shape)
+    for i, row in enumerate(flat_ids):
+        if 0 <= row < shape[0]:
+            d_table[row] += scale[i] * d_pooled[bag[i]]
+    return d_table
+
+
+def bag_weights_grad(table, ids, offsets, d_pooled):
+    """The gradient of a weighted sum with respect to its weights, in float64::
+
+    d_weights[i] = dot(d_pooled[bag[i]], table[ids[i]])      (0 at padding ids)
+    """
+    table, d_pooled = np.asarray(table, np.float64), np.asarray(d_pooled, np.float64)
+    flat_ids, offsets = flat_bags(ids, offsets)
+    bag, _ = bag_terms(flat_ids, offsets, None, "sum", table.shape[0])
+    return np.array(
+        [
+            d_pooled[bag[i]] @ table[row] if 0 <= row < table.shape[0] else 0.0
+            for i, row in enumerate(flat_ids)
+        ]
+    )
+
+
+def lazy_bag_step(
+    weight, history, ids, offsets, weights, mode, d_pooled, *, rowwise, lr, lr_mult=1.0, **hyper
+):
+    """One AdaGrad step of a table looked up in bags, applied lazily, in float64::
+
+        rows = unique(ids in [0, num_rows))                     # the touched rows
+        g = bag_table_grad(...)[rows]                           # their summed gradient
+        weight[rows], history[rows] = step(weight[rows], g, history[rows])
+
+    ``step`` is :func:`mxnet2_step` (element-wise history, ``weight``'s shape) or, with
+    ``rowwise``, :func:`rowwise_step` (one history number per row); at ``lr * lr_mult``. Weight
+    decay (``wd`` in ``hyper``) decays the touched rows only; the other rows do not change.
+    """
+    weight, history = np.array(weight, np.float64), np.array(history, np.float64)
+    flat_ids, _ = flat_bags(ids, offsets)
+    rows = np.unique(flat_ids[(flat_ids >= 0) & (flat_ids < weight.shape[0])])
+    grad = bag_table_grad(weight.shape, ids, offsets, weights, mode, d_pooled)[rows]
+    step = rowwise_step if rowwise else mxnet2_step
+    weight[rows], history[rows] = step(weight[rows], grad, history[rows], lr=lr * lr_mult, **hyper)
+    return weight, history

@@ -3,11 +3,16 @@
 ``benchmarks/fused_vs_torch.py`` says torch's fused kernel and the native step alternate on the
 very same buffers and that XLA still updates them in place; ``benchmarks/timing.py`` says its
 ratios are paired per round. Both are checked here; no speed is asserted.
+``benchmarks/bag_step.py --quick`` runs end to end in a subprocess: its JSON holds every
+contender, and mx_adagrad's tables agree with FBGEMM's (and torch's) after the same steps.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -89,3 +94,65 @@ def test_torch_steps_the_native_steps_buffers_in_place(flat_mode):
     final = shared.params.unravel() if flat_mode else shared.params
     for k, expected in weights.items():
         np.testing.assert_allclose(np.asarray(final[k], np.float64), expected, rtol=1e-5)
+
+
+def test_bag_step_quick_runs_every_contender_and_agrees_with_fbgemm(tmp_path):
+    """``benchmarks/bag_step.py --quick`` end to end (small tables, 2 rounds): every workload
+    times its contenders (positive times, floors and ratios), records the compiled step's memory
+    (temporaries well under the looked-up rows when pooled) and, where FBGEMM imports, mx's tables
+    after a few steps agree with FBGEMM's (and torch's) within float32 tolerance."""
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "bag_step.json"
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bag_step.py"), "--quick", "--json", str(out)],
+        check=True,
+        cwd=root,
+        timeout=120,
+    )
+    record = json.loads(out.read_text())
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        torch_here = False
+    else:
+        torch_here = True
+    try:  # the script's import: ImportError, or OSError from its native libraries
+        with warnings.catch_warnings():  # its optional SSD lookups warn that they are absent
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from fbgemm_gpu.split_table_batched_embeddings_ops_training import (  # noqa: F401
+                SplitTableBatchedEmbeddingBagsCodegen,
+            )
+    except Exception:
+        fbgemm_here = False
+    else:
+        fbgemm_here = True
+    assert (record["fbgemm_skipped"] is None) == fbgemm_here
+    assert record["quick"] and record["machine"]["cpu_count"] >= 1
+    expected = {"mx row-wise", "mx element-wise"}
+    if torch_here:
+        expected.add("torch element-wise")
+    if fbgemm_here:
+        expected |= {"FBGEMM row-wise", "FBGEMM element-wise"}
+    assert len(record["workloads"]) == 4
+    for label, w in record["workloads"].items():
+        assert set(w["stats"]) == expected, label
+        for s in w["stats"].values():
+            assert 0 < s["p10_ms"] <= s["median_ms"] <= s["p90_ms"], label
+        assert all(len(ms) == record["rounds"] for ms in w["rounds_ms"].values())
+        assert w["streaming_gbps"] > 0
+        for optimizer in ("row-wise", "element-wise"):
+            floor = w["floor"][optimizer]
+            assert 0 < floor["cached_bytes"] <= floor["bytes"] and floor["ms"] > 0
+            memory = w["memory"][optimizer]
+            if w["pooling"] == "sum":  # never a row per lookup
+                assert memory["temp_bytes"] < memory["lookup_rows_bytes"] / 2, label
+            assert w["checks"][f"mx {optimizer} moved"] > 1e-3  # the steps did update the tables
+            if fbgemm_here:
+                assert w["ratios"][f"mx/FBGEMM {optimizer}"]["median"] > 0
+                diff = w["checks"][f"mx {optimizer} vs FBGEMM {optimizer}"]
+                assert diff <= record["check_tolerance"], (label, optimizer, diff)
+        if torch_here:
+            assert w["ratios"]["mx/torch element-wise"]["median"] > 0
+            diff = w["checks"]["mx element-wise vs torch element-wise"]
+            assert diff <= record["check_tolerance"], label

@@ -156,7 +156,7 @@ def test_sparse_wd_error_reproduces_mxnet_refusal():
     params = {"emb": table(), "w": jnp.ones(2)}
     tx = mx_adagrad.adagrad(0.1, wd=0.1, sparse_wd="error")
     with pytest.raises(
-        ValueError, match=r"wd \* wd_mult for the RowSparse gradient 'emb' must be 0"
+        ValueError, match=r"wd \* wd_mult for the sparse gradient 'emb' must be 0"
     ):
         tx.update(grad, tx.init(params), params)
     # No decay on the table: allowed, and the dense leaf still decays.

@@ -68,6 +68,16 @@ FLAGS = (
 # XLA's compile time grows with the square of a custom call's operand count (20 s for one call
 # of 1000 leaves, 1 s for 16 calls of 64): larger trees are split into several calls.
 MAX_LEAVES_PER_CALL = 64
+# The sparse kernels pack a row and a position in one 64-bit word (groups.h): tables of fewer rows,
+# gradients of fewer terms than this.
+MAX_GROUPED = 2**32 - 1
+
+
+def groupable(num_rows: int, terms: int) -> bool:
+    """Whether the grouping kernels take a table of ``num_rows`` rows and ``terms`` terms."""
+    return num_rows < MAX_GROUPED and terms < MAX_GROUPED
+
+
 # FFI target name and exported handler symbol, per weight dtype.
 TARGETS = {
     jnp.dtype(jnp.float32): ("mx_adagrad_step_f32", "MxAdagradStepF32"),

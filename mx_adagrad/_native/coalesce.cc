@@ -28,7 +28,7 @@ void CoalesceIds(const Id* ids, Id* ids_out, const Terms& terms, int64_t bags, f
                  int64_t n, int64_t num_rows) {
   mx_adagrad::LeasedGroups leased;
   Groups& groups = *leased;
-  mx_adagrad::GroupIds(ids, n, num_rows, terms.bag, bags, groups);
+  mx_adagrad::GroupIds(ids, n, num_rows, terms.bag, bags, groups, 1, mx_adagrad::Serially{});
   const int64_t count = groups.size();
   for (int64_t k = 0; k < count; ++k) {
     ids_out[k] = static_cast<Id>(groups.unique[k]);
@@ -43,6 +43,9 @@ ffi::Error Dispatch(const ffi::AnyBuffer& ids, ffi::Result<ffi::AnyBuffer>& ids_
                     const Terms& terms, int64_t bags, float* rows_out, int64_t num_rows) {
   const int64_t n = static_cast<int64_t>(ids.element_count());
   if (n == 0) return ffi::Error::Success();
+  if (n >= mx_adagrad::kMaxGrouped || num_rows >= mx_adagrad::kMaxGrouped) {
+    return ffi::Error::InvalidArgument("mx_adagrad: coalesce takes fewer than 2**32 - 1 rows");
+  }
   switch (ids.element_type()) {
     case ffi::DataType::S32:
       CoalesceIds(static_cast<const int32_t*>(ids.untyped_data()),
@@ -75,7 +78,7 @@ ffi::Error Coalesce(ffi::AnyBuffer ids, ffi::Buffer<ffi::F32> values,
     return ffi::Error::InvalidArgument("mx_adagrad: coalesce got mismatched shapes");
   }
   const int64_t width = n == 0 ? 0 : static_cast<int64_t>(values.element_count()) / n;
-  const Terms terms{values.typed_data(), nullptr, nullptr, width};
+  const Terms terms{values.typed_data(), nullptr, nullptr, width, n == 1};
   return Dispatch(ids, ids_out, terms, n, rows_out->typed_data(), num_rows);
 }
 
@@ -92,7 +95,7 @@ ffi::Error CoalesceBags(ffi::AnyBuffer ids, ffi::Buffer<ffi::S32> bag, ffi::Buff
       static_cast<int64_t>(rows_out->element_count()) != n * dims[1]) {
     return ffi::Error::InvalidArgument("mx_adagrad: bag coalesce got mismatched shapes");
   }
-  const Terms terms{bag_grads.typed_data(), bag.typed_data(), scale.typed_data(), dims[1]};
+  const Terms terms{bag_grads.typed_data(), bag.typed_data(), scale.typed_data(), dims[1], n == 1};
   return Dispatch(ids, ids_out, terms, dims[0], rows_out->typed_data(), num_rows);
 }
 

@@ -12,7 +12,8 @@
 //   row[r] = ((0 + scale[p1] * values[bag[p1]]) + scale[p2] * values[bag[p2]]) + ...
 //
 // for p1 < p2 < ... the positions with ids[p] == r. Ids outside [0, num_rows) (padding) and
-// terms whose bag is outside [0, bags) add nothing.
+// terms whose bag is outside [0, bags) add nothing. A gradient of a single position is the
+// exception: its row is its term (see Terms::single).
 
 #ifndef MX_ADAGRAD_NATIVE_GROUPS_H_
 #define MX_ADAGRAD_NATIVE_GROUPS_H_
@@ -35,7 +36,8 @@ struct Groups {
   std::vector<int64_t> unique;
   std::vector<int64_t> start;
   std::vector<int64_t> order;
-  std::vector<uint64_t> keys, keys_tmp;  // scratch of the sort, kept to reuse its memory
+  // Scratch of the sort, kept to reuse its memory.
+  std::vector<uint64_t> keys, keys_tmp;
   std::vector<size_t> count;
 
   int64_t size() const { return static_cast<int64_t>(unique.size()); }
@@ -79,48 +81,76 @@ class LeasedGroups {
   std::unique_ptr<Groups> groups_;
 };
 
+// Rows and positions are packed in 32 bits each: tables and gradients must stay below this.
+constexpr int64_t kMaxGrouped = (int64_t{1} << 32) - 1;
+
+// Fewest positions a part of a parallel grouping takes (below, thread hand-offs cost more).
+constexpr int64_t kMinPart = 8192;
+
 // Groups the terms of ids[0, n): a stable least-significant-digit radix sort of the pairs (row,
 // position) by row, packed in one 64-bit word each (row above, position below), kRadixBits bits a
-// pass, as many passes as the largest row needs, every pass's histogram counted in one first pass.
-template <typename Id>
+// pass, as many passes as the largest row needs. The positions are cut into up to `parts` slices
+// that run(parts, fn) may run in parallel (fn(q) for q < parts; each slice counts and moves its
+// own keys into places the slices before it leave free): a stable sort has one result, so the
+// groups are the same for any number of parts.
+template <typename Id, typename Run>
 void GroupIds(const Id* ids, int64_t n, int64_t num_rows, const int32_t* bag, int64_t bags,
-              Groups& g) {
-  g.keys.resize(static_cast<size_t>(n));
-  size_t m = 0;
-  uint64_t largest = 0;
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t id = static_cast<int64_t>(ids[p]);
-    const bool valid = id >= 0 && id < num_rows && (bag == nullptr || (bag[p] >= 0 && bag[p] < bags));
-    g.keys[m] = (static_cast<uint64_t>(id) << 32) | static_cast<uint64_t>(p);
-    largest = valid ? std::max(largest, static_cast<uint64_t>(id)) : largest;
-    m += valid;
-  }
+              Groups& g, int64_t parts, const Run& run) {
+  parts = std::max<int64_t>(1, std::min(parts, n / kMinPart));
+  // Padding terms take the row num_rows: they sort after every row, and are cut off at the end.
+  const size_t m = static_cast<size_t>(n);
   g.keys.resize(m);
-  int passes = 0;
-  while (passes * kRadixBits < 32 && (largest >> (passes * kRadixBits)) != 0) ++passes;
-  g.count.assign(kRadix * static_cast<size_t>(passes), 0);
-  for (uint64_t k : g.keys) {
-    for (int d = 0; d < passes; ++d) ++g.count[d * kRadix + ((k >> (32 + d * kRadixBits)) & (kRadix - 1))];
-  }
   g.keys_tmp.resize(m);
+  run(parts, [&](int64_t q) {
+    for (int64_t p = n * q / parts; p < n * (q + 1) / parts; ++p) {
+      const int64_t id = static_cast<int64_t>(ids[p]);
+      const bool valid =
+          id >= 0 && id < num_rows && (bag == nullptr || (bag[p] >= 0 && bag[p] < bags));
+      g.keys[p] = (static_cast<uint64_t>(valid ? id : num_rows) << 32) | static_cast<uint64_t>(p);
+    }
+  });
+  int passes = 0;
+  while (passes * kRadixBits < 32 && (static_cast<uint64_t>(num_rows) >> (passes * kRadixBits)) != 0) {
+    ++passes;
+  }
+  // count[q * kRadix + b]: the keys of slice q (of the m keys) whose digit of this pass is b, then
+  // where the first of them goes (by digit, then by slice: stable).
+  g.count.resize(static_cast<size_t>(parts) * kRadix);
+  auto keys_of = [&](int64_t q) { return std::pair{m * q / parts, m * (q + 1) / parts}; };
   for (int d = 0; d < passes; ++d) {
-    size_t* count = g.count.data() + d * kRadix;
+    const int shift = 32 + d * kRadixBits;
+    run(parts, [&](int64_t q) {
+      size_t* count = g.count.data() + q * kRadix;
+      std::fill(count, count + kRadix, 0);
+      const auto [begin, end] = keys_of(q);
+      for (size_t j = begin; j < end; ++j) ++count[(g.keys[j] >> shift) & (kRadix - 1)];
+    });
     size_t total = 0;
     for (size_t b = 0; b < kRadix; ++b) {
-      const size_t here = count[b];
-      count[b] = total;
-      total += here;
+      for (int64_t q = 0; q < parts; ++q) {
+        size_t& c = g.count[q * kRadix + b];
+        const size_t here = c;
+        c = total;
+        total += here;
+      }
     }
-    const int shift = 32 + d * kRadixBits;
-    for (uint64_t k : g.keys) g.keys_tmp[count[(k >> shift) & (kRadix - 1)]++] = k;
+    run(parts, [&](int64_t q) {
+      size_t* place = g.count.data() + q * kRadix;
+      const auto [begin, end] = keys_of(q);
+      for (size_t j = begin; j < end; ++j) {
+        g.keys_tmp[place[(g.keys[j] >> shift) & (kRadix - 1)]++] = g.keys[j];
+      }
+    });
     g.keys.swap(g.keys_tmp);
   }
   g.unique.clear();
   g.start.clear();
   g.order.resize(m);
   uint64_t previous = ~uint64_t{0};
-  for (size_t j = 0; j < m; ++j) {
+  size_t j = 0;
+  for (; j < m; ++j) {
     const uint64_t row = g.keys[j] >> 32;
+    if (row == static_cast<uint64_t>(num_rows)) break;  // the padding, last
     if (row != previous) {
       g.unique.push_back(static_cast<int64_t>(row));
       g.start.push_back(static_cast<int64_t>(j));
@@ -128,16 +158,28 @@ void GroupIds(const Id* ids, int64_t n, int64_t num_rows, const int32_t* bag, in
     }
     g.order[j] = static_cast<int64_t>(g.keys[j] & 0xffffffffu);
   }
-  g.start.push_back(static_cast<int64_t>(m));
+  g.order.resize(j);
+  g.start.push_back(static_cast<int64_t>(j));
 }
 
+// run(count, fn) on the calling thread: fn(0), fn(1), ...
+struct Serially {
+  template <typename Fn>
+  void operator()(int64_t count, const Fn& fn) const {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+  }
+};
+
 // Where the terms' values come from: values (rows of `width` floats), and per position its bag
-// (nullptr: the position itself) and its scale (nullptr: 1).
+// (nullptr: the position itself) and its scale (nullptr: 1). `single`: the gradient has one
+// position in all, whose row is then its term itself, not 0 + the term (XLA's segment-sum of one
+// slot is a copy: it keeps a -0.0).
 struct Terms {
   const float* values;
   const int32_t* bag;
   const float* scale;
   int64_t width;
+  bool single = false;
 };
 
 // Terms ahead of the one being added whose value rows are requested early.
@@ -148,6 +190,13 @@ inline void SumGroup(const Terms& t, const Groups& g, int64_t k, float* __restri
   const int64_t width = t.width;
   std::memset(out, 0, sizeof(float) * static_cast<size_t>(width));
   const int64_t begin = g.start[k], end = g.start[k + 1];
+  if (t.single) {
+    const int64_t p = g.order[begin];
+    const float* __restrict in = t.values + (t.bag ? t.bag[p] : p) * width;
+    const float s = t.scale != nullptr ? t.scale[p] : 1.0f;
+    for (int64_t e = 0; e < width; ++e) out[e] = t.scale != nullptr ? s * in[e] : in[e];
+    return;
+  }
   for (int64_t j = begin; j < end; ++j) {
     if (j + kPrefetchTerms < end) {
       const int64_t ahead = g.order[j + kPrefetchTerms];

@@ -37,8 +37,11 @@ using namespace mx_adagrad;  // NOLINT: the arithmetic of step.h and groups.h
 // Touched rows ahead of the one being stepped whose weight and history lines are requested early:
 // each is a random DRAM access.
 constexpr int64_t kPrefetchRows = 16;
-// Touched rows per task of the update phase.
-constexpr int64_t kRowsPerTask = 256;
+// The update phase is cut into tasks of about this much work, counted as terms summed plus
+// kRowCost per touched row (its weight and history rows read and written): tasks of equal work,
+// not of equal rows, because a few hot rows (a Zipf law's head) hold most of the terms.
+constexpr int64_t kWorkPerTask = 4096;
+constexpr int64_t kRowCost = 8;
 
 struct Table {
   const void* ids;
@@ -91,11 +94,15 @@ void StepRows(const Table& t, const Hyper& hp, int64_t begin, int64_t end) {
   }
 }
 
-void Group(const Table& t) {
+// Groups table t's terms in up to `parts` slices, run by `run` (groups.h).
+template <typename Run>
+void Group(const Table& t, int64_t parts, const Run& run) {
   if (t.ids64) {
-    GroupIds(static_cast<const int64_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups);
+    GroupIds(static_cast<const int64_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups,
+             parts, run);
   } else {
-    GroupIds(static_cast<const int32_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups);
+    GroupIds(static_cast<const int32_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups,
+             parts, run);
   }
 }
 
@@ -164,7 +171,7 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
         (scale->element_count() > 0 && (scale->element_type() != ffi::DataType::F32 ||
                                         static_cast<int64_t>(scale->element_count()) != n)) ||
         static_cast<int64_t>(values->element_count()) != value_rows * width ||
-        (!bags && value_rows != n)) {
+        (!bags && value_rows != n) || num_rows >= kMaxGrouped || n >= kMaxGrouped) {
       return ffi::Error::InvalidArgument("mx_adagrad: sparse step got mismatched operands");
     }
     Table t;
@@ -175,7 +182,7 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
                     bags ? static_cast<const int32_t*>(bag->untyped_data()) : nullptr,
                     scale->element_count() > 0 ? static_cast<const float*>(scale->untyped_data())
                                                : nullptr,
-                    width};
+                    width, n == 1};
     t.bags = value_rows;
     t.weight = InPlace(*weight, *weight_out);
     t.history = InPlace(*history, *history_out);
@@ -188,16 +195,29 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
     tables.push_back(t);
   }
   const int64_t threads = pool.num_threads();
-  ParallelFor(pool, static_cast<int64_t>(count), threads, [&](int64_t i) { Group(tables[i]); });
+  // Fewer tables than threads: each table's grouping is split over the threads; else the tables.
+  if (static_cast<int64_t>(count) < threads) {
+    auto parallel = [&](int64_t parts, const auto& fn) { ParallelFor(pool, parts, threads, fn); };
+    for (const Table& t : tables) Group(t, threads, parallel);
+  } else {
+    ParallelFor(pool, static_cast<int64_t>(count), threads,
+                [&](int64_t i) { Group(tables[i], 1, Serially{}); });
+  }
   struct Task {
     size_t table;
     int64_t begin, end;
   };
   std::vector<Task> tasks;
   for (size_t i = 0; i < count; ++i) {
-    const int64_t rows = tables[i].groups->size();
-    for (int64_t b = 0; b < rows; b += kRowsPerTask) {
-      tasks.push_back(Task{i, b, std::min(rows, b + kRowsPerTask)});
+    const Groups& g = *tables[i].groups;
+    int64_t begin = 0, work = 0;
+    for (int64_t k = 0; k < g.size(); ++k) {
+      work += g.start[k + 1] - g.start[k] + kRowCost;
+      if (work >= kWorkPerTask || k + 1 == g.size()) {
+        tasks.push_back(Task{i, begin, k + 1});
+        begin = k + 1;
+        work = 0;
+      }
     }
   }
   ParallelFor(pool, static_cast<int64_t>(tasks.size()), threads, [&](int64_t j) {
