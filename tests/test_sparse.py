@@ -155,9 +155,7 @@ def test_sparse_wd_error_reproduces_mxnet_refusal():
     grad = {"emb": sparse_grads(seed=6, steps=1)[0], "w": jnp.ones(2)}
     params = {"emb": table(), "w": jnp.ones(2)}
     tx = mx_adagrad.adagrad(0.1, wd=0.1, sparse_wd="error")
-    with pytest.raises(
-        ValueError, match=r"wd \* wd_mult for the sparse gradient 'emb' must be 0"
-    ):
+    with pytest.raises(ValueError, match=r"wd \* wd_mult for the sparse gradient 'emb' must be 0"):
         tx.update(grad, tx.init(params), params)
     # No decay on the table: allowed, and the dense leaf still decays.
     tx = mx_adagrad.adagrad(0.1, wd=0.1, wd_mult={"emb": 0.0}, sparse_wd="error")

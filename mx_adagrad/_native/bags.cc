@@ -58,13 +58,12 @@ int64_t Offset(const Table& t, int64_t b) {
 void PoolBags(const Table& t, int64_t first, int64_t last) {
   const int64_t width = t.width;
   const int64_t lines = std::min<int64_t>(width, 128);
-  const int64_t stop = Offset(t, last);
   for (int64_t b = first; b < last; ++b) {
     float* __restrict out = t.pooled + b * width;
     std::memset(out, 0, sizeof(float) * static_cast<size_t>(width));
     const int64_t begin = Offset(t, b), end = std::max(begin, Offset(t, b + 1));
     for (int64_t i = begin; i < end; ++i) {
-      if (i + kPrefetchIds < stop) {
+      if (i + kPrefetchIds < t.n) {
         const int64_t ahead = Id(t, i + kPrefetchIds);
         if (ahead >= 0 && ahead < t.num_rows) {
           for (int64_t e = 0; e < lines; e += 16) __builtin_prefetch(t.rows + ahead * width + e);

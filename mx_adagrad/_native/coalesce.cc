@@ -28,7 +28,7 @@ void CoalesceIds(const Id* ids, Id* ids_out, const Terms& terms, int64_t bags, f
                  int64_t n, int64_t num_rows) {
   mx_adagrad::LeasedGroups leased;
   Groups& groups = *leased;
-  mx_adagrad::GroupIds(ids, n, num_rows, terms.bag, bags, groups, 1, mx_adagrad::Serially{});
+  mx_adagrad::GroupIds(ids, n, num_rows, terms.bag, bags, groups);
   const int64_t count = groups.size();
   for (int64_t k = 0; k < count; ++k) {
     ids_out[k] = static_cast<Id>(groups.unique[k]);

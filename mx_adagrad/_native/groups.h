@@ -84,63 +84,40 @@ class LeasedGroups {
 // Rows and positions are packed in 32 bits each: tables and gradients must stay below this.
 constexpr int64_t kMaxGrouped = (int64_t{1} << 32) - 1;
 
-// Fewest positions a part of a parallel grouping takes (below, thread hand-offs cost more).
-constexpr int64_t kMinPart = 8192;
-
 // Groups the terms of ids[0, n): a stable least-significant-digit radix sort of the pairs (row,
 // position) by row, packed in one 64-bit word each (row above, position below), kRadixBits bits a
-// pass, as many passes as the largest row needs. The positions are cut into up to `parts` slices
-// that run(parts, fn) may run in parallel (fn(q) for q < parts; each slice counts and moves its
-// own keys into places the slices before it leave free): a stable sort has one result, so the
-// groups are the same for any number of parts.
-template <typename Id, typename Run>
+// pass, as many passes as num_rows needs, every pass's histogram counted in one first pass.
+// Padding terms take the row num_rows: they sort after every row and are cut off at the end.
+template <typename Id>
 void GroupIds(const Id* ids, int64_t n, int64_t num_rows, const int32_t* bag, int64_t bags,
-              Groups& g, int64_t parts, const Run& run) {
-  parts = std::max<int64_t>(1, std::min(parts, n / kMinPart));
-  // Padding terms take the row num_rows: they sort after every row, and are cut off at the end.
+              Groups& g) {
   const size_t m = static_cast<size_t>(n);
   g.keys.resize(m);
   g.keys_tmp.resize(m);
-  run(parts, [&](int64_t q) {
-    for (int64_t p = n * q / parts; p < n * (q + 1) / parts; ++p) {
-      const int64_t id = static_cast<int64_t>(ids[p]);
-      const bool valid =
-          id >= 0 && id < num_rows && (bag == nullptr || (bag[p] >= 0 && bag[p] < bags));
-      g.keys[p] = (static_cast<uint64_t>(valid ? id : num_rows) << 32) | static_cast<uint64_t>(p);
-    }
-  });
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t id = static_cast<int64_t>(ids[p]);
+    const bool valid =
+        id >= 0 && id < num_rows && (bag == nullptr || (bag[p] >= 0 && bag[p] < bags));
+    g.keys[p] = (static_cast<uint64_t>(valid ? id : num_rows) << 32) | static_cast<uint64_t>(p);
+  }
   int passes = 0;
-  while (passes * kRadixBits < 32 && (static_cast<uint64_t>(num_rows) >> (passes * kRadixBits)) != 0) {
+  while (passes * kRadixBits < 32 && (static_cast<uint64_t>(num_rows) >> (passes * kRadixBits))) {
     ++passes;
   }
-  // count[q * kRadix + b]: the keys of slice q (of the m keys) whose digit of this pass is b, then
-  // where the first of them goes (by digit, then by slice: stable).
-  g.count.resize(static_cast<size_t>(parts) * kRadix);
-  auto keys_of = [&](int64_t q) { return std::pair{m * q / parts, m * (q + 1) / parts}; };
+  g.count.assign(static_cast<size_t>(passes) * kRadix, 0);
+  for (uint64_t k : g.keys) {
+    for (int d = 0; d < passes; ++d) ++g.count[d * kRadix + ((k >> (32 + d * kRadixBits)) & (kRadix - 1))];
+  }
   for (int d = 0; d < passes; ++d) {
-    const int shift = 32 + d * kRadixBits;
-    run(parts, [&](int64_t q) {
-      size_t* count = g.count.data() + q * kRadix;
-      std::fill(count, count + kRadix, 0);
-      const auto [begin, end] = keys_of(q);
-      for (size_t j = begin; j < end; ++j) ++count[(g.keys[j] >> shift) & (kRadix - 1)];
-    });
+    size_t* place = g.count.data() + d * kRadix;
     size_t total = 0;
     for (size_t b = 0; b < kRadix; ++b) {
-      for (int64_t q = 0; q < parts; ++q) {
-        size_t& c = g.count[q * kRadix + b];
-        const size_t here = c;
-        c = total;
-        total += here;
-      }
+      const size_t here = place[b];
+      place[b] = total;
+      total += here;
     }
-    run(parts, [&](int64_t q) {
-      size_t* place = g.count.data() + q * kRadix;
-      const auto [begin, end] = keys_of(q);
-      for (size_t j = begin; j < end; ++j) {
-        g.keys_tmp[place[(g.keys[j] >> shift) & (kRadix - 1)]++] = g.keys[j];
-      }
-    });
+    const int shift = 32 + d * kRadixBits;
+    for (uint64_t k : g.keys) g.keys_tmp[place[(k >> shift) & (kRadix - 1)]++] = k;
     g.keys.swap(g.keys_tmp);
   }
   g.unique.clear();
@@ -161,14 +138,6 @@ void GroupIds(const Id* ids, int64_t n, int64_t num_rows, const int32_t* bag, in
   g.order.resize(j);
   g.start.push_back(static_cast<int64_t>(j));
 }
-
-// run(count, fn) on the calling thread: fn(0), fn(1), ...
-struct Serially {
-  template <typename Fn>
-  void operator()(int64_t count, const Fn& fn) const {
-    for (int64_t i = 0; i < count; ++i) fn(i);
-  }
-};
 
 // Where the terms' values come from: values (rows of `width` floats), and per position its bag
 // (nullptr: the position itself) and its scale (nullptr: 1). `single`: the gradient has one

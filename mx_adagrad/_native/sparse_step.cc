@@ -94,15 +94,11 @@ void StepRows(const Table& t, const Hyper& hp, int64_t begin, int64_t end) {
   }
 }
 
-// Groups table t's terms in up to `parts` slices, run by `run` (groups.h).
-template <typename Run>
-void Group(const Table& t, int64_t parts, const Run& run) {
+void Group(const Table& t) {
   if (t.ids64) {
-    GroupIds(static_cast<const int64_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups,
-             parts, run);
+    GroupIds(static_cast<const int64_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups);
   } else {
-    GroupIds(static_cast<const int32_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups,
-             parts, run);
+    GroupIds(static_cast<const int32_t*>(t.ids), t.n, t.num_rows, t.terms.bag, t.bags, *t.groups);
   }
 }
 
@@ -195,14 +191,7 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
     tables.push_back(t);
   }
   const int64_t threads = pool.num_threads();
-  // Fewer tables than threads: each table's grouping is split over the threads; else the tables.
-  if (static_cast<int64_t>(count) < threads) {
-    auto parallel = [&](int64_t parts, const auto& fn) { ParallelFor(pool, parts, threads, fn); };
-    for (const Table& t : tables) Group(t, threads, parallel);
-  } else {
-    ParallelFor(pool, static_cast<int64_t>(count), threads,
-                [&](int64_t i) { Group(tables[i], 1, Serially{}); });
-  }
+  ParallelFor(pool, static_cast<int64_t>(count), threads, [&](int64_t i) { Group(tables[i]); });
   struct Task {
     size_t table;
     int64_t begin, end;
