@@ -414,7 +414,7 @@ def _row_mean_square(history: chex.Array, grad: chex.Array) -> chex.Array:
     mean its product with ``1 / width``."""
     width = math.prod(grad.shape[1:])
     if grad.ndim < 2 or width == 1:  # the mean of one square is the square: element-wise
-        return history + _square(grad.reshape(history.shape))
+        return (history.reshape(grad.shape) + _square(grad)).reshape(history.shape)
     total = _row_sum_of_squares(grad.reshape(grad.shape[0], width), history * 0)
     return history + total * _like(1 / width, total)
 

@@ -165,6 +165,23 @@ def test_sparse_one_pass_step_is_its_optax_form_on_the_same_leaf(config, form, k
         assert compiled.memory_analysis().temp_size_in_bytes <= 256  # in place, no row buffers
 
 
+@pytest.mark.parametrize("kind", ["RowSparse", "BagGrad"])
+@pytest.mark.parametrize("form", ONE_PASS_FORMS.values(), ids=ONE_PASS_FORMS)
+@pytest.mark.parametrize("n", [9, 12, 64])
+def test_sparse_one_pass_step_of_a_one_column_table_is_its_optax_form(n, form, kind):
+    """One column: the row-wise history is the element-wise one, and the kernels step it so;
+    the optax form must keep XLA's contraction of ``h + g * g`` there too (it once reshaped the
+    gradient first, which XLA then did not contract)."""
+    rng = np.random.default_rng(n)
+    opt = form(0.1, epsilon=1e-3, initial_accumulator_value=0.1)
+    table = jnp.asarray(rng.normal(size=(40, 1)), jnp.float32)
+    state = opt.init(table)
+    grad = sparse_gradient(rng, kind, 40, 1, n)
+    assert_xla_bits(
+        jax.jit(opt.step)(table, grad, state), reference_step(opt.tx)(table, grad, state)
+    )
+
+
 def test_a_row_sparse_gradient_does_not_shift_the_leaves_after_it():
     """A RowSparse gradient is one leaf of the gradient tree, not two (indices, values): the dense
     leaves after it meet their own gradients in the kernel (here "c" would take "b"'s)."""
