@@ -117,36 +117,7 @@ def adagrad(
       >>> mx_adagrad.apply_updates(params, updates)["w"]
       Array([ 0.9000001, -1.9000001], dtype=float32)
     """
-    learning_rate = resolve_learning_rate("adagrad", learning_rate, lr_scheduler)
-    tx = _mxnet2_chain(
-        "adagrad",
-        transforms.scale_by_adagrad(epsilon, initial_accumulator_value),
-        learning_rate,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        wd=wd,
-        lr_mult=lr_mult,
-        wd_mult=wd_mult,
-        lr_scheduler=None,
-        begin_num_update=begin_num_update,
-        multi_precision=multi_precision,
-        sparse_wd=sparse_wd,
-    )
-    return record(
-        tx,
-        "adagrad",
-        learning_rate=learning_rate,
-        epsilon=epsilon,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        wd=wd,
-        lr_mult=lr_mult,
-        wd_mult=wd_mult,
-        begin_num_update=begin_num_update,
-        initial_accumulator_value=initial_accumulator_value,
-        multi_precision=multi_precision,
-        sparse_wd=sparse_wd,
-    )
+    return _mxnet2_chain("adagrad", transforms.scale_by_adagrad, **locals())
 
 
 # ``tx.update`` -> (its kind, the keyword arguments that build it) for every ``adagrad(...)`` and
@@ -234,62 +205,44 @@ def rowwise_adagrad(
       >>> state[3].history.shape                      # one accumulator per row
       (3,)
     """
-    learning_rate = resolve_learning_rate("rowwise_adagrad", learning_rate, lr_scheduler)
-    tx = _mxnet2_chain(
-        "rowwise_adagrad",
-        transforms.scale_by_rowwise_adagrad(epsilon, initial_accumulator_value),
-        learning_rate,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        wd=wd,
-        lr_mult=lr_mult,
-        wd_mult=wd_mult,
-        lr_scheduler=None,
-        begin_num_update=begin_num_update,
-        multi_precision=multi_precision,
-        sparse_wd=sparse_wd,
-    )
-    return record(
-        tx,
-        "rowwise_adagrad",
-        learning_rate=learning_rate,
-        epsilon=epsilon,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        wd=wd,
-        lr_mult=lr_mult,
-        wd_mult=wd_mult,
-        begin_num_update=begin_num_update,
-        initial_accumulator_value=initial_accumulator_value,
-        multi_precision=multi_precision,
-        sparse_wd=sparse_wd,
-    )
+    return _mxnet2_chain("rowwise_adagrad", transforms.scale_by_rowwise_adagrad, **locals())
 
 
 def _mxnet2_chain(
-    where: str,
-    accumulator: optax.GradientTransformation,
-    learning_rate: transforms.LearningRate | None,
+    kind: str,
+    accumulator: Callable[[chex.Numeric, chex.Numeric], optax.GradientTransformation],
     *,
-    rescale_grad: chex.Numeric,
-    clip_gradient: chex.Numeric | None,
-    wd: chex.Numeric,
-    lr_mult: multipliers.MultiplierSpec,
-    wd_mult: multipliers.MultiplierSpec,
+    learning_rate: transforms.LearningRate | None,
+    epsilon: chex.Numeric,
     lr_scheduler: LRScheduler | None,
-    begin_num_update: int,
+    initial_accumulator_value: chex.Numeric,
     multi_precision: bool,
-    sparse_wd: str,
+    **chain_arguments: Any,
 ) -> optax.GradientTransformation:
-    """MXNet 2.0's chain around ``accumulator``: rescale, clip, decay first, the schedule last."""
-    learning_rate = resolve_learning_rate(where, learning_rate, lr_scheduler)
+    """MXNet 2.0's chain around ``accumulator(epsilon, initial_accumulator_value)``: rescale,
+    clip, decay first, the schedule last; recorded as ``kind`` (see :func:`record`)."""
+    learning_rate = resolve_learning_rate(kind, learning_rate, lr_scheduler)
     if not isinstance(multi_precision, bool):
-        _checks.fail(where, "multi_precision", "a bool", multi_precision)
+        _checks.fail(kind, "multi_precision", "a bool", multi_precision)
+    arguments = dict(chain_arguments)
     chain = optax.chain(
-        transforms.rescale(rescale_grad),
-        transforms.clip(clip_gradient),
-        transforms.add_decayed_weights(wd, wd_mult, sparse_wd),
-        accumulator,
-        transforms.scale_by_schedule(learning_rate, lr_mult, begin_num_update),
+        transforms.rescale(arguments["rescale_grad"]),
+        transforms.clip(arguments["clip_gradient"]),
+        transforms.add_decayed_weights(
+            arguments["wd"], arguments["wd_mult"], arguments["sparse_wd"]
+        ),
+        accumulator(epsilon, initial_accumulator_value),
+        transforms.scale_by_schedule(
+            learning_rate, arguments["lr_mult"], arguments["begin_num_update"]
+        ),
     )
-    return precision.multi_precision(chain) if multi_precision else chain
+    tx = precision.multi_precision(chain) if multi_precision else chain
+    return record(
+        tx,
+        kind,
+        learning_rate=learning_rate,
+        epsilon=epsilon,
+        initial_accumulator_value=initial_accumulator_value,
+        multi_precision=multi_precision,
+        **arguments,
+    )
