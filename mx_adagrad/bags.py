@@ -256,7 +256,7 @@ def _embedding_bag_backward(residuals, d_pooled):
     ``d_scale[i] = <d_pooled[bag[i]], table[ids[i]]>`` (zero at padding ids)."""
     table, ids, bag, scale = residuals
     terms = d_pooled[bag]
-    at = sparse.padded(ids, table.shape[0])
+    at = sparse._padded(ids, table.shape[0])
     d_table = jnp.zeros_like(table).at[at].add(scale[:, None] * terms, mode="drop")
     d_scale = jnp.sum(terms * sparse.take_rows(table, ids), axis=1).astype(scale.dtype)
     return d_table, None, None, None, d_scale

@@ -115,7 +115,7 @@ class RowSparse(_checks.SparseLeaf):
     def todense(self) -> jax.Array:
         """The dense array (for tests and small tables; it materializes ``dense_shape``)."""
         zeros = jnp.zeros(self.dense_shape, self.values.dtype)
-        return zeros.at[padded(self.indices, self.dense_shape[0])].add(self.values, mode="drop")
+        return zeros.at[_padded(self.indices, self.dense_shape[0])].add(self.values, mode="drop")
 
     def __repr__(self) -> str:
         return (
@@ -178,7 +178,7 @@ def _native_on_cpu(
     return xla(*args)
 
 
-def padded(ids: chex.Array, num_rows: int) -> chex.Array:
+def _padded(ids: chex.Array, num_rows: int) -> chex.Array:
     """``ids`` with every id outside ``[0, num_rows)`` replaced by ``num_rows``, so that XLA's
     gathers (``mode="fill"``) and scatters (``mode="drop"``) skip it: they count a negative index
     from the end."""
@@ -196,7 +196,7 @@ def _coalesce_xla(
     """
     n = indices.shape[0]
     valid = (indices >= 0) & (indices < num_rows)
-    indices = padded(indices, num_rows)
+    indices = _padded(indices, num_rows)
     ordered = jnp.sort(indices)
     first = jnp.concatenate([jnp.ones(min(n, 1), bool), ordered[1:] != ordered[:-1]])
     ids = jnp.full(n, num_rows, indices.dtype).at[jnp.cumsum(first) - 1].set(ordered)
@@ -230,7 +230,7 @@ def take_rows(table: chex.Array, ids: chex.Array) -> chex.Array:
     rows = _native_on_cpu(
         _native.gather_rows,
         lambda table, ids: jnp.take(
-            table, padded(ids, jnp.shape(table)[0]), axis=0, mode="fill", fill_value=0
+            table, _padded(ids, jnp.shape(table)[0]), axis=0, mode="fill", fill_value=0
         ),
         table,
         flat,

@@ -174,17 +174,6 @@ void StepRange(Kind, const Leaf& leaf, const Hyper& hp, int64_t begin, int64_t e
 constexpr int64_t kSumLanes = 16;
 
 inline float SumSquares(const float* __restrict g, int64_t width, float zero) {
-  if (width % kSumLanes == 0 && width > 0) {  // whole blocks: the same operations, in vectors
-    float lanes[kSumLanes];
-    for (int64_t j = 0; j < kSumLanes; ++j) lanes[j] = zero + g[j] * g[j];
-    for (int64_t e = kSumLanes; e < width; e += kSumLanes) {
-      for (int64_t j = 0; j < kSumLanes; ++j) lanes[j] = Fma(g[e + j], g[e + j], lanes[j]);
-    }
-    for (int64_t half = kSumLanes / 2; half >= 1; half /= 2) {
-      for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
-    }
-    return lanes[0];
-  }
   float lanes[kSumLanes];
   int64_t count = std::min(width, kSumLanes);
   for (int64_t j = 0; j < count; ++j) lanes[j] = zero + g[j] * g[j];
