@@ -19,6 +19,7 @@ import pytest
 
 import mx_adagrad
 from mx_adagrad import _native, flat, sparse
+from mx_adagrad._native import library
 from tests.eight_devices import native_calls
 from tests.xla_bits import assert_xla_bits
 
@@ -129,12 +130,12 @@ def test_in_place_one_call_no_loops_no_temporaries(dtype, multi_precision, outpu
 
 def test_build_into_a_fresh_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MX_ADAGRAD_CACHE_DIR", str(tmp_path))
-    compiler = _native._compiler()
-    path = _native.library_path(compiler)
+    compiler = library._compiler()
+    path = library.library_path(compiler)
     assert path.parent == tmp_path and not path.exists()
-    _native.build(compiler, path)
+    library.build(compiler, path)
     assert path.exists() and list(tmp_path.iterdir()) == [path]  # no temporary left behind
-    assert _native.library_path(compiler) == path  # same key: a later process loads it
+    assert library.library_path(compiler) == path  # same key: a later process loads it
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def reload_native():
 
 def test_without_a_compiler_warns_and_uses_the_xla_path(reload_native, monkeypatch, tmp_path):
     monkeypatch.setenv("MX_ADAGRAD_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_native, "_compiler", lambda: None)
+    monkeypatch.setattr(library, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="native CPU kernel is unavailable"):
         assert not _native.load()
     opt = flat.fused_adagrad(0.1, wd=0.1)

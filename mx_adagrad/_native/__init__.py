@@ -15,33 +15,19 @@
   gradients of float32 tables, element-wise or row-wise, every table in one call: the terms
   grouped by row (``groups.h``), then ``step.h``'s arithmetic on each touched row, in place.
 
-Building: the first :func:`load` in a process compiles the sources with the C++ compiler
-``$CXX`` (else ``g++``, else ``c++``) against the FFI headers of the installed jaxlib
-(``jax.ffi.include_dir()``)::
-
-    $CXX -O3 -march=native -fno-math-errno -ffp-contract=off -std=c++17 -shared -fPIC ...
-
-into ``$MX_ADAGRAD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/mx_adagrad``, else
-``~/.cache/mx_adagrad``), under a name keyed by a hash of the source, jaxlib's FFI headers, the
-flags, the compiler's version and the CPU's feature flags, so a later process (or another process
-racing this one) loads the same file without compiling (about 5 s the first time). ``MX_ADAGRAD_NATIVE=0`` turns the kernel
-off. If it cannot be built or loaded, :func:`load` warns once and returns False, and
-:mod:`mx_adagrad.flat` uses its XLA path, which computes the same bits.
+Building: the first :func:`load` in a process builds the library once into a cache directory
+(:mod:`mx_adagrad._native.library`), so a later process loads it without compiling (about 5 s
+the first time). ``MX_ADAGRAD_NATIVE=0`` turns the kernels off. If they cannot be built or loaded,
+:func:`load` warns once and returns False, and :mod:`mx_adagrad.flat` uses its XLA path, which
+computes the same bits.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import chex
@@ -50,21 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mx_adagrad import _checks
+from mx_adagrad._native.library import load_library
 
-SOURCES = tuple(
-    Path(__file__).with_name(name)
-    for name in ("adagrad.cc", "bags.cc", "coalesce.cc", "rows.cc", "sparse_step.cc")
-)
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("groups.h", "parallel.h", "step.h"))
-FLAGS = (
-    "-O3",
-    "-march=native",
-    "-fno-math-errno",
-    "-ffp-contract=off",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-)
 # XLA's compile time grows with the square of a custom call's operand count (20 s for one call
 # of 1000 leaves, 1 s for 16 calls of 64): larger trees are split into several calls.
 MAX_LEAVES_PER_CALL = 64
@@ -97,68 +70,6 @@ ROWS_TARGETS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where built kernels are kept: ``$MX_ADAGRAD_CACHE_DIR``, else the user's cache dir."""
-    if "MX_ADAGRAD_CACHE_DIR" in os.environ:
-        return Path(os.environ["MX_ADAGRAD_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mx_adagrad"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (``-march=native`` depends on them), or its machine name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def library_path(compiler: str) -> Path:
-    """The cached library for this source, FFI headers, flags, compiler and CPU."""
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    headers = sorted(Path(jax.ffi.include_dir()).rglob("*.h"))
-    key = hashlib.sha256()
-    for part in (*SOURCES, *HEADERS, *headers, " ".join(FLAGS), version, _cpu_flags()):
-        key.update(part.read_bytes() if isinstance(part, Path) else part.encode())
-    return cache_dir() / f"mx_adagrad_native_{key.hexdigest()[:16]}.so"
-
-
-def build(compiler: str, path: Path) -> None:
-    """Compiles the sources to one library at ``path`` (atomically: a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        command = [
-            compiler,
-            *FLAGS,
-            "-isystem",
-            jax.ffi.include_dir(),
-            *map(str, SOURCES),
-            "-o",
-            tmp,
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @functools.cache
 def load() -> bool:
     """Builds (if not cached), loads and registers the kernel once per process.
@@ -170,13 +81,7 @@ def load() -> bool:
     if os.environ.get("MX_ADAGRAD_NATIVE", "1") == "0":
         return False
     try:
-        compiler = _compiler()
-        if compiler is None:
-            raise RuntimeError("no C++ compiler found ($CXX, g++ or c++)")
-        path = library_path(compiler)
-        if not path.exists():
-            build(compiler, path)
-        library = ctypes.cdll.LoadLibrary(str(path))
+        library = load_library()
         for target, symbol in (
             *TARGETS.values(),
             ROWWISE_TARGET,
