@@ -177,6 +177,12 @@ def dense_case(shapes, dtype, *, tiny: bool) -> dict[str, Callable[[], None]]:
         "flat.fused_adagrad (native)": fused_contender(
             flat.fused_adagrad(LR, **kwargs), params(), grads
         ),
+        "mx_adagrad.legacy.adagrad (MXNet 1.x)": transform_contender(
+            mx_adagrad.legacy.adagrad(LR, **kwargs), params(), grads
+        ),
+        "flat.one_pass(legacy.adagrad) (native)": fused_contender(
+            flat.one_pass(mx_adagrad.legacy.adagrad(LR, **kwargs)), params(), grads
+        ),
     }
     if len(shapes) > 1:
         fp = flat.ravel(params())

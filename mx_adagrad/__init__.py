@@ -1,6 +1,6 @@
 """mx_adagrad: MXNet's AdaGrad as exact, composable, fused Optax gradient transformations."""
 
-from mx_adagrad import bags, flat, legacy, lr_scheduler, mxnet_io, sparse
+from mx_adagrad import bags, contrib, flat, legacy, lr_scheduler, mxnet_io, sparse
 from mx_adagrad.alias import adagrad, rowwise_adagrad
 from mx_adagrad.bags import BagGrad, Bags, embedding_bag, value_and_bag_grad
 from mx_adagrad.compat import AdaGrad
@@ -36,6 +36,7 @@ __all__ = [
     "bags",
     "check_indices",
     "clip",
+    "contrib",
     "embedding_bag",
     "flat",
     "legacy",

@@ -82,6 +82,11 @@ def integer(where: str, name: str, value: Any, minimum: int | None = None) -> No
         fail(where, name, f"an int >= {minimum}", value)
 
 
+def boolean(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        fail(where, name, "a bool", value)
+
+
 def one_of(where: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         fail(where, name, "one of " + ", ".join(repr(c) for c in choices), value)

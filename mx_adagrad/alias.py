@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import optax
@@ -115,34 +115,42 @@ def adagrad(
       >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
       >>> updates, state = tx.update(grads, state, params)
       >>> mx_adagrad.apply_updates(params, updates)["w"]
-      Array([ 0.9000001, -1.9000001], dtype=float32)
+      Array([ 0.90000004, -1.9       ], dtype=float32)
     """
-    return _mxnet2_chain("adagrad", transforms.scale_by_adagrad, **locals())
+    return _mxnet2_chain("adagrad", adagrad, transforms.scale_by_adagrad, **locals())
 
 
-# ``tx.update`` -> (its kind, the keyword arguments that build it) for every ``adagrad(...)`` and
-# ``rowwise_adagrad(...)`` (and the ``.tx`` of their one-pass forms): ``mx_adagrad.flat.one_pass``
-# builds the one-pass form of the same kind from them. Weak keys: an entry lives as long as its
-# transformation.
-_ARGUMENTS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[str, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+class Recorded(NamedTuple):
+    """What :func:`record` keeps of a transformation: its ``kind`` (``"adagrad"``,
+    ``"rowwise_adagrad"``, ``"legacy.adagrad"``, ``"contrib.group_adagrad"``), the function that
+    built it and the keyword ``arguments`` it was built from."""
+
+    kind: str
+    build: Callable[..., optax.GradientTransformation]
+    arguments: dict[str, Any]
+
+
+# ``tx.update`` -> what built it, for every transformation of the family (and the ``.tx`` of their
+# one-pass forms): ``mx_adagrad.flat.one_pass`` builds the one-pass form of the same kind from it.
+# Weak keys: an entry lives as long as its transformation.
+_RECORDED: weakref.WeakKeyDictionary[Callable[..., Any], Recorded] = weakref.WeakKeyDictionary()
 
 
 def record(
-    tx: optax.GradientTransformation, kind: str, **arguments: Any
+    tx: optax.GradientTransformation,
+    kind: str,
+    build: Callable[..., optax.GradientTransformation],
+    **arguments: Any,
 ) -> optax.GradientTransformation:
-    """Records that ``tx`` is the transformation of ``kind`` (``"adagrad"``,
-    ``"rowwise_adagrad"``) built from ``arguments``; returns ``tx``."""
-    _ARGUMENTS[tx.update] = (kind, arguments)
+    """Records that ``tx`` is ``build(**arguments)``, a transformation of ``kind``; returns ``tx``."""
+    _RECORDED[tx.update] = Recorded(kind, build, arguments)
     return tx
 
 
-def recorded(tx: Any) -> tuple[str, dict[str, Any]] | None:
-    """``(kind, arguments)`` as :func:`record` recorded them for ``tx``, or None for any other
-    transformation."""
+def recorded(tx: Any) -> Recorded | None:
+    """What :func:`record` recorded for ``tx``, or None for any other transformation."""
     try:
-        return _ARGUMENTS.get(tx.update)
+        return _RECORDED.get(tx.update)
     except (AttributeError, TypeError):  # no update, or one that cannot be weakly referenced
         return None
 
@@ -205,11 +213,14 @@ def rowwise_adagrad(
       >>> state[3].history.shape                      # one accumulator per row
       (3,)
     """
-    return _mxnet2_chain("rowwise_adagrad", transforms.scale_by_rowwise_adagrad, **locals())
+    return _mxnet2_chain(
+        "rowwise_adagrad", rowwise_adagrad, transforms.scale_by_rowwise_adagrad, **locals()
+    )
 
 
 def _mxnet2_chain(
     kind: str,
+    build: Callable[..., optax.GradientTransformation],
     accumulator: Callable[[chex.Numeric, chex.Numeric], optax.GradientTransformation],
     *,
     learning_rate: transforms.LearningRate | None,
@@ -220,10 +231,10 @@ def _mxnet2_chain(
     **chain_arguments: Any,
 ) -> optax.GradientTransformation:
     """MXNet 2.0's chain around ``accumulator(epsilon, initial_accumulator_value)``: rescale,
-    clip, decay first, the schedule last; recorded as ``kind`` (see :func:`record`)."""
+    clip, decay first, the schedule last; recorded as ``kind``, built by ``build`` (see
+    :func:`record`)."""
     learning_rate = resolve_learning_rate(kind, learning_rate, lr_scheduler)
-    if not isinstance(multi_precision, bool):
-        _checks.fail(kind, "multi_precision", "a bool", multi_precision)
+    _checks.boolean(kind, "multi_precision", multi_precision)
     arguments = dict(chain_arguments)
     chain = optax.chain(
         transforms.rescale(arguments["rescale_grad"]),
@@ -240,6 +251,7 @@ def _mxnet2_chain(
     return record(
         tx,
         kind,
+        build,
         learning_rate=learning_rate,
         epsilon=epsilon,
         initial_accumulator_value=initial_accumulator_value,

@@ -6,10 +6,12 @@ so ``step``/``fused_step``/``update`` put the new arrays into the ``weights`` an
 they were given (``weights[i] = new_weight``) and return them, and an MXNet loop that keeps using
 its lists works unchanged.
 
-The arithmetic is the functional chain (:func:`mx_adagrad.adagrad`, or
-:func:`mx_adagrad.legacy.adagrad` for MXNet 1.x): this module only keeps MXNet's bookkeeping (update
-counts, scheduler, multiplier lookup) in Python and hands the per-parameter learning rates and weight
-decays to one jitted computation as traced values, so a changing learning rate never recompiles.
+The arithmetic is the functional chain (:func:`mx_adagrad.adagrad`,
+:func:`mx_adagrad.legacy.adagrad` for MXNet 1.x, :func:`mx_adagrad.contrib.group_adagrad`) in its
+one-pass form (:func:`mx_adagrad.flat.one_pass`: native kernels on CPU). This module only keeps
+MXNet's bookkeeping (update counts, scheduler, multiplier lookup) in Python and hands the
+per-parameter learning rates and weight decays to one jitted computation as traced values, so a
+changing learning rate never recompiles.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mx_adagrad import _checks, alias, sparse
+from mx_adagrad import _checks, alias, flat, sparse
 from mx_adagrad.lr_scheduler import LRScheduler
 from mx_adagrad.precision import LOW_PRECISION_DTYPES
-from mx_adagrad.updates import apply_updates
 
 State = Any  # a history array, or (float32 master, float32 history) with multi_precision
 
@@ -261,7 +262,8 @@ def _fused(
     clip_gradient,
     epsilon,
 ):
-    """One step for a list of parameters, with the functional chain; hyperparameters traced."""
+    """One step for a list of parameters, with the one-pass form of the functional chain
+    (:func:`mx_adagrad.flat.one_pass`, bitwise the chain); hyperparameters traced."""
     split = [_split(w, s) for w, s in zip(weights, states)]
     working = [w for w, _, _ in split]
     grads = [
@@ -276,8 +278,7 @@ def _fused(
         wd_mult=[wds[i] for i in range(len(working))],
     )
     state = optax.tree.set(tx.init(working), history=[h for _, h, _ in split])
-    updates, state = tx.update(grads, state, working)
-    working = apply_updates(working, updates)
+    working, state = flat.one_pass(tx).step(working, grads, state)
     histories = optax.tree.get(state, "history")
     new_weights, new_states = [], []
     for weight, new, history, (_, _, master) in zip(weights, working, histories, split):
@@ -309,7 +310,7 @@ class AdaGrad(Optimizer):
       >>> states = [opt.create_state(0, weights[0])]
       >>> _ = opt.update([0], weights, grads, states)
       >>> weights[0]
-      Array([0.9, 0.9], dtype=float32)
+      Array([0.9000001, 0.9000001], dtype=float32)
     """
 
     _where = "AdaGrad"

@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -148,7 +147,7 @@ def fused_adagrad(
     Returns:
       A :class:`FusedAdaGrad` ``(init, step, tx)``.
     """
-    return _one_pass_form(_ELEMENTWISE, native, **_arguments(locals()))
+    return _one_pass_form("adagrad", alias.adagrad, **locals())
 
 
 def fused_rowwise_adagrad(
@@ -204,64 +203,91 @@ def fused_rowwise_adagrad(
     Returns:
       A :class:`FusedAdaGrad` ``(init, step, tx)``.
     """
-    return _one_pass_form(_ROWWISE, native, **_arguments(locals()))
+    return _one_pass_form("rowwise_adagrad", alias.rowwise_adagrad, **locals())
 
 
-def one_pass(tx: Any) -> FusedAdaGrad | None:
+def one_pass(tx: Any, *, native: bool | None = None) -> FusedAdaGrad | None:
     """The one-pass form of ``tx``, or None when it has none.
 
-    ``tx`` itself when it is a :class:`FusedAdaGrad`; :func:`fused_adagrad` or
-    :func:`fused_rowwise_adagrad` of the same arguments when ``tx`` is what
-    ``mx_adagrad.adagrad(...)`` or ``mx_adagrad.rowwise_adagrad(...)`` returned (or the ``.tx``
-    of a :class:`FusedAdaGrad`); None for any other transformation (``legacy.adagrad``,
-    optax's). The result's ``step`` equals ``tx.update`` followed by
-    ``mx_adagrad.apply_updates``, with the same state.
+    ``tx`` itself when it is a :class:`FusedAdaGrad`; the one-pass form of the same arguments
+    when ``tx`` is what ``mx_adagrad.adagrad(...)``, ``mx_adagrad.rowwise_adagrad(...)``,
+    ``mx_adagrad.legacy.adagrad(...)`` or ``mx_adagrad.contrib.group_adagrad(...)`` returned
+    (:func:`fused_adagrad` and :func:`fused_rowwise_adagrad` for the first two), or the ``.tx``
+    of a :class:`FusedAdaGrad`; None for any other transformation (optax's). The result's
+    ``step`` equals ``tx.update`` followed by ``mx_adagrad.apply_updates``, with the same state,
+    bit for bit; its native kernels are the same parametrized step for every kind
+    (``mx_adagrad/_native/step.h``).
+
+    Args:
+      tx: any object.
+      native: as in :func:`fused_adagrad`; ``None`` keeps what ``tx`` was built with (True for
+        a transformation, the ``native`` of the one-pass form whose ``.tx`` it is).
     """
     if isinstance(tx, FusedAdaGrad):
         return tx
     found = alias.recorded(tx)
     if found is None:
         return None
-    kind, arguments = found
-    return _VARIANTS[kind].build(**arguments)
+    arguments = dict(found.arguments)
+    if native is not None:
+        arguments["native"] = native
+    return _one_pass_form(found.kind, found.build, **arguments)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Variant:
-    """A one-pass form: the transformation it equals and what its kernels compute.
+class _Rule:
+    """What the kernels compute for one kind of transformation (``step.h``'s ``Rule``).
 
     Attributes:
-      kind: the name ``alias.record`` files the transformation under.
-      transformation: builds the transformation from the arguments.
-      build: builds the one-pass form from the same arguments (and ``native``).
       rowwise: one history number per row of the leaves of two or more axes.
+      eps_inside: ``sqrt(history + epsilon)``, not ``sqrt(history) + epsilon``.
+      decay_after: MXNet 1.x's weight decay, after the division.
+      decay: the transformation has a weight-decay term at all.
+      epsilon: the transformation's name for epsilon.
     """
 
-    kind: str
-    transformation: Callable[..., optax.GradientTransformation]
-    build: Callable[..., FusedAdaGrad]
     rowwise: bool
+    eps_inside: bool = False
+    decay_after: bool = False
+    decay: bool = True
+    epsilon: str = "epsilon"
+
+    def form(self, dtype: Any, arguments: dict[str, Any]) -> _native.Form:
+        """The kernels' attributes for weights of ``dtype``."""
+        rescale, clip = arguments["rescale_grad"], arguments["clip_gradient"]
+        return _native.Form(
+            rescale_fma=self.decay
+            and not self.decay_after
+            and _native.rescale_fma(dtype, rescale, clip),
+            decay=self.decay,
+            eps_inside=self.eps_inside,
+            decay_after=self.decay_after,
+            fold_rescale=_native.fold_rescale(rescale, clip),
+        )
 
 
-_ELEMENTWISE = _Variant("adagrad", alias.adagrad, fused_adagrad, rowwise=False)
-_ROWWISE = _Variant("rowwise_adagrad", alias.rowwise_adagrad, fused_rowwise_adagrad, rowwise=True)
-_VARIANTS = {v.kind: v for v in (_ELEMENTWISE, _ROWWISE)}
+_RULES = {
+    "adagrad": _Rule(rowwise=False),
+    "rowwise_adagrad": _Rule(rowwise=True),
+    "legacy.adagrad": _Rule(rowwise=False, eps_inside=True, decay_after=True, epsilon="eps"),
+    "contrib.group_adagrad": _Rule(rowwise=True, eps_inside=True, decay=False),
+}
 
 
-def _arguments(given: dict[str, Any]) -> dict[str, Any]:
-    """A builder's arguments, without ``native``."""
-    return {k: v for k, v in given.items() if k != "native"}
-
-
-def _one_pass_form(variant: _Variant, native: bool, **arguments: Any) -> FusedAdaGrad:
-    """The :class:`FusedAdaGrad` of ``variant`` for its transformation's ``arguments``."""
-    where = variant.build.__name__
-    if not isinstance(native, bool):
-        _checks.fail(where, "native", "a bool", native)
+def _one_pass_form(
+    kind: str,
+    build: Callable[..., optax.GradientTransformation],
+    native: bool = True,
+    **arguments: Any,
+) -> FusedAdaGrad:
+    """The :class:`FusedAdaGrad` of the transformation ``build(**arguments)`` of ``kind``."""
+    where = f"flat.one_pass({kind})"
+    _checks.boolean(where, "native", native)
+    rule = _RULES[kind]
     learning_rate = alias.resolve_learning_rate(
-        where, arguments.pop("learning_rate"), arguments.pop("lr_scheduler")
+        where, arguments.pop("learning_rate"), arguments.pop("lr_scheduler", None)
     )
-    tx = variant.transformation(learning_rate, **arguments)
+    tx = build(learning_rate, **arguments)
     arguments["learning_rate"] = learning_rate
 
     def step(params, grads, state):
@@ -272,11 +298,11 @@ def _one_pass_form(variant: _Variant, native: bool, **arguments: Any) -> FusedAd
         # Lowered for CPU, only the native branch is compiled, and XLA drops the reference's
         # computations for the leaves the kernels replaced; elsewhere only the reference is.
         return jax.lax.platform_dependent(
-            cpu=lambda: _native_step(variant, arguments, params, grads, state, reference),
+            cpu=lambda: _native_step(rule, arguments, params, grads, state, reference),
             default=lambda: reference,
         )
 
-    alias.record(tx, variant.kind, **arguments, native=native)
+    alias.record(tx, kind, build, **arguments, native=native)
     return FusedAdaGrad(tx.init, step, tx)
 
 
@@ -291,22 +317,27 @@ class _Leaf(NamedTuple):
     wd_mult: Any
 
 
-def _native_step(variant, arguments, params, grads, state, reference):
+def _native_step(rule, arguments, params, grads, state, reference):
     """The reference step with every leaf that a kernel can update replaced by its result."""
     multi_precision = arguments["multi_precision"]
     new_params, new_state = reference
     inner, new_inner = (
         (state.inner_state, new_state.inner_state) if multi_precision else (state, new_state)
     )
-    history = inner[3].history
+    at = _position(inner, (transforms.ScaleByAdagradState, transforms.ScaleByRowwiseAdagradState))
+    history = inner[at].history
     master = state.master if multi_precision else jax.tree.map(lambda _: None, params)
     working = jax.tree.map(lambda p, m: p if m is None else m, params, master, is_leaf=_none)
+    count = inner[_position(inner, (transforms.ScaleByScheduleState,))].count
     lr = transforms.learning_rate_at(
-        arguments["learning_rate"], inner[4].count, arguments["begin_num_update"]
+        arguments["learning_rate"], count, arguments["begin_num_update"]
     )
+    wd = 0.0 if arguments.get("wd") is None else arguments["wd"]  # GroupAdaGrad: None
     # As scale_by_schedule and add_decayed_weights resolve them (same trees, same order).
     lr_mults = multipliers.resolve("scale_by_schedule", "lr_mult", arguments["lr_mult"], history)
-    wd_mults = multipliers.resolve("add_decayed_weights", "wd_mult", arguments["wd_mult"], working)
+    wd_mults = multipliers.resolve(
+        "add_decayed_weights", "wd_mult", arguments.get("wd_mult"), working
+    )
     leaves = [
         _Leaf(*leaf)
         for leaf in zip(
@@ -317,19 +348,15 @@ def _native_step(variant, arguments, params, grads, state, reference):
         )
     ]
     out_params = jax.tree.leaves(new_params)
-    out_history = jax.tree.leaves(new_inner[3].history)
+    out_history = jax.tree.leaves(new_inner[at].history)
     out_master = jax.tree.leaves(new_state.master, is_leaf=_none) if multi_precision else []
-    hyper = functools.partial(
-        _native.hyper_array,
-        rescale_grad=arguments["rescale_grad"],
-        clip_gradient=arguments["clip_gradient"],
-        epsilon=arguments["epsilon"],
+    hyper = _native.hyper_array(
+        arguments["rescale_grad"], arguments["clip_gradient"], arguments[rule.epsilon]
     )
-    wd = arguments["wd"]
     dense: dict[tuple[jnp.dtype, bool], list[int]] = {}
     tables: dict[bool, list[int]] = {}
     for i, leaf in enumerate(leaves):
-        if _dense_eligible(leaf, variant.rowwise):
+        if _dense_eligible(leaf, rule.rowwise):
             dense.setdefault((jnp.dtype(leaf.param.dtype), _rowwise(leaf)), []).append(i)
         elif _sparse_eligible(leaf):
             tables.setdefault(_rowwise(leaf), []).append(i)
@@ -337,13 +364,14 @@ def _native_step(variant, arguments, params, grads, state, reference):
         group = [leaves[i] for i in indices]
         with_master = group[0].master is not None
         weights, masters, histories = _partitioned_native_step(
-            hyper(dtype),
+            hyper,
             _coefficients(lr, wd, [x.lr_mult for x in group], [x.wd_mult for x in group]),
             [x.param for x in group],
             [x.grad for x in group],
             [x.master for x in group] if with_master else None,
             [x.history for x in group],
             rowwise,
+            rule.form(dtype, arguments),
         )
         for k, i in enumerate(indices):
             out_params[i], out_history[i] = weights[k], histories[k]
@@ -352,20 +380,29 @@ def _native_step(variant, arguments, params, grads, state, reference):
     for rowwise, indices in tables.items():
         group = [leaves[i] for i in indices]
         coef = _coefficients(lr, wd, [x.lr_mult for x in group], [x.wd_mult for x in group])
-        decays = [_checks.concrete_float(wd * x.wd_mult) != 0.0 for x in group]
+        decays = [rule.decay and _checks.concrete_float(wd * x.wd_mult) != 0.0 for x in group]
         coef = jnp.concatenate([coef, jnp.asarray(decays, jnp.float32)[:, None]], axis=1)
         stepped = _native.sparse_step(
-            hyper(jnp.float32), coef, [_table_operands(x) for x in group], rowwise
+            hyper,
+            coef,
+            [_table_operands(x) for x in group],
+            rowwise,
+            rule.form(jnp.float32, arguments),
         )
         for i, (weight, hist) in zip(indices, stepped):
             out_params[i], out_history[i] = weight, hist
     treedef = jax.tree.structure(params)
-    history_state = inner[3]._replace(history=jax.tree.unflatten(treedef, out_history))
-    new_inner = (*new_inner[:3], history_state, *new_inner[4:])
+    history_state = inner[at]._replace(history=jax.tree.unflatten(treedef, out_history))
+    new_inner = (*new_inner[:at], history_state, *new_inner[at + 1 :])
     new_params = jax.tree.unflatten(treedef, out_params)
     if not multi_precision:
         return new_params, new_inner
     return new_params, MultiPrecisionState(jax.tree.unflatten(treedef, out_master), new_inner)
+
+
+def _position(chain_state: tuple[Any, ...], types: tuple[type, ...]) -> int:
+    """Where in a chain's state the state of one of ``types`` is."""
+    return next(i for i, s in enumerate(chain_state) if isinstance(s, types))
 
 
 def _table_operands(leaf: _Leaf) -> tuple[jax.Array, ...]:
@@ -384,6 +421,13 @@ def _rowwise(leaf: _Leaf) -> bool:
     return np.shape(leaf.history) != np.shape(leaf.param)
 
 
+def _one_per_row(leaf: _Leaf) -> bool:
+    """Whether the leaf has two or more axes and its history one number per row, of shape
+    ``(rows,)`` or (GroupAdaGrad's) ``(rows, 1, ...)``."""
+    shape, rows = np.shape(leaf.param), np.shape(leaf.param)[:1]
+    return len(shape) >= 2 and np.shape(leaf.history) in (rows, rows + (1,) * (len(shape) - 1))
+
+
 def _partitioned_native_step(
     hyper: jax.Array,
     coef: jax.Array,
@@ -392,6 +436,7 @@ def _partitioned_native_step(
     masters: Sequence[jax.Array] | None,
     histories: Sequence[jax.Array],
     rowwise: bool,
+    form: _native.Form,
 ) -> tuple[list[jax.Array], list[jax.Array] | None, list[jax.Array]]:
     """``_native.step`` with a sharding rule: elementwise, so each device steps its shards.
 
@@ -413,17 +458,33 @@ def _partitioned_native_step(
     def kernel(hyper, coef, *operands):
         local = [list(operands[k::width]) for k in range(width)]
         out = _native.step(
-            hyper, coef, local[0], local[1], local[2] if width == 4 else None, local[-1], rowwise
+            hyper,
+            coef,
+            local[0],
+            local[1],
+            local[2] if width == 4 else None,
+            local[-1],
+            rowwise,
+            form,
         )
         return tuple(x for leaf in zip(*(o for o in out if o is not None)) for x in leaf)
 
     def like_weight(arg_shapes, mesh, shapes):
-        """Per array of ``shapes``: its leaf's weight sharding, cut to its number of axes."""
-        weight_specs = [arg_shapes[2 + i * width].sharding.spec for i in range(count)]
+        """Per array of ``shapes``: its leaf's weight sharding on the axes it shares with the
+        weight (a row-wise history's size-1 axes are whole)."""
+        weights = [arg_shapes[2 + i * width] for i in range(count)]
         per_leaf = len(shapes) // count
+
+        def spec(weight, shape):
+            return P(
+                *(
+                    name if size == weight.shape[d] else None
+                    for d, (name, size) in enumerate(zip(weight.sharding.spec, shape))
+                )
+            )
+
         return tuple(
-            NamedSharding(mesh, P(*weight_specs[j // per_leaf][: len(s.shape)]))
-            for j, s in enumerate(shapes)
+            NamedSharding(mesh, spec(weights[j // per_leaf], s.shape)) for j, s in enumerate(shapes)
         )
 
     def infer(mesh, arg_shapes, result_shape):  # GSPMD (when Shardy is turned off)
@@ -437,7 +498,13 @@ def _partitioned_native_step(
 
     def rule(mesh, operand_types, result_types):
         def mapping(i, x):
-            return ArrayMapping(*(f"leaf{i}_{d}" for d in range(np.ndim(x))))
+            weight = np.shape(operands[i * width])
+            return ArrayMapping(
+                *(
+                    f"leaf{i}_{d}" if size == weight[d] else f"leaf{i}_{d}_whole"
+                    for d, size in enumerate(np.shape(x))
+                )
+            )
 
         leaf_operands = [mapping(i // width, x) for i, x in enumerate(operands)]
         return SdyShardingRule(
@@ -505,17 +572,18 @@ def _dense_eligible(leaf: _Leaf, rowwise_variant: bool) -> bool:
     param, grad, history, master = leaf.param, leaf.grad, leaf.history, leaf.master
     if _checks.is_sparse(grad) or not hasattr(grad, "dtype") or grad.dtype != param.dtype:
         return False
-    if np.shape(grad) != np.shape(param) or np.size(param) == 0:
+    # A leaf of one element is left to XLA, whose simplifier treats one-element steps apart
+    # (it rewrites (g * r) * (g * r) into (g * g) * r**2 there, another rounding).
+    if np.shape(grad) != np.shape(param) or np.size(param) <= 1:
         return False
     if jnp.dtype(history.dtype) != jnp.float32:
         return False
     if _rowwise(leaf):
-        rows = np.shape(param)[:1]
         return (
             rowwise_variant
             and master is None
-            and np.ndim(param) >= 2
-            and (np.shape(history) == rows and jnp.dtype(param.dtype) == jnp.float32)
+            and _one_per_row(leaf)
+            and jnp.dtype(param.dtype) == jnp.float32
         )
     if master is None:
         return jnp.dtype(param.dtype) == jnp.float32
@@ -536,7 +604,7 @@ def _sparse_eligible(leaf: _Leaf) -> bool:
     # contractions (and so other last bits) than the kernel's.
     if grad.indices.shape[0] * np.prod(np.shape(param)[1:], dtype=int) <= 1:
         return False
-    if _rowwise(leaf) and (np.ndim(param) < 2 or np.shape(leaf.history) != np.shape(param)[:1]):
+    if _rowwise(leaf) and not _one_per_row(leaf):
         return False
     operands = _table_operands(leaf)
     if any(jnp.dtype(x.dtype) != jnp.float32 for x in (*operands[2:], param)):

@@ -20,7 +20,7 @@ from typing import Any
 import chex
 import optax
 
-from mx_adagrad import _checks, compat, multipliers, precision, transforms
+from mx_adagrad import _checks, alias, compat, multipliers, precision, transforms
 from mx_adagrad.alias import resolve_learning_rate
 from mx_adagrad.lr_scheduler import LRScheduler
 
@@ -52,6 +52,8 @@ def adagrad(
     add_decayed_weights, scale_by_schedule)``. Arguments as :func:`mx_adagrad.adagrad`, with
     MXNet 1.x's ``eps`` (default 1e-7, MXNet's ``float_stable_eps``). RowSparse gradients refuse
     ``wd * wd_mult != 0``, as MXNet 1.9.1 (``sparse_wd="lazy"`` decays their rows instead).
+    The division is one IEEE division, ``g / sqrt(history + eps)``, as MXNet's; ``flat.one_pass``
+    of it is its one-pass step.
 
     Example:
       >>> import jax.numpy as jnp, mx_adagrad
@@ -61,17 +63,21 @@ def adagrad(
       >>> mx_adagrad.apply_updates(w, u)   # 1 - 0.1 * (3 / sqrt(9 + 1e-7) + 0.1 * 1)
       Array([0.89], dtype=float32)
     """
-    learning_rate = resolve_learning_rate("legacy.adagrad", learning_rate, lr_scheduler)
-    if not isinstance(multi_precision, bool):
-        _checks.fail("legacy.adagrad", "multi_precision", "a bool", multi_precision)
+    arguments = dict(locals())
+    arguments["learning_rate"] = resolve_learning_rate(
+        "legacy.adagrad", learning_rate, lr_scheduler
+    )
+    del arguments["lr_scheduler"]
+    _checks.boolean("legacy.adagrad", "multi_precision", multi_precision)
     chain = optax.chain(
         transforms.rescale(rescale_grad),
         transforms.clip(clip_gradient),
         transforms.scale_by_adagrad(eps, initial_accumulator_value, eps_inside_sqrt=True),
         transforms.add_decayed_weights(wd, wd_mult, sparse_wd),
-        transforms.scale_by_schedule(learning_rate, lr_mult, begin_num_update),
+        transforms.scale_by_schedule(arguments["learning_rate"], lr_mult, begin_num_update),
     )
-    return precision.multi_precision(chain) if multi_precision else chain
+    tx = precision.multi_precision(chain) if multi_precision else chain
+    return alias.record(tx, "legacy.adagrad", adagrad, **arguments)
 
 
 class AdaGrad(compat.Optimizer):

@@ -236,13 +236,16 @@ def add_decayed_weights(
 
 
 def _divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
-    """``numerator / denominator``, written so that XLA fuses the whole step into two loops.
+    """``numerator / denominator``, one IEEE division, written as ``(-n) / (-d)`` (bit-identical:
+    negation is exact) so that XLA keeps it one and fuses the step into two loops.
 
-    ``-((-n) / d)`` is bit-identical to ``n / d`` (negation is exact). XLA will not duplicate a
-    producer (the clipped, decayed gradient) into a consumer whose first use of it is a divide;
-    starting with a negate lets the gradient's arithmetic be recomputed inside both the history
-    loop and the weight loop instead of being written to a temporary buffer. Checked by
-    ``tests/test_fusion.py``.
+    * Left alone, XLA rewrites ``n / sqrt(x)`` (``epsilon`` inside the root, or a concrete
+      ``epsilon=0``) into ``n * rsqrt(x)``, whose approximate reciprocal root differs from the
+      division in the last bit; the negated denominator is no square root, so the division stays.
+    * XLA will not duplicate a producer (the clipped, decayed gradient) into a consumer whose
+      first use of it is a divide; starting with a negate lets the gradient's arithmetic be
+      recomputed inside both the history loop and the weight loop instead of being written to a
+      temporary buffer. Checked by ``tests/test_fusion.py``.
 
     A complex numerator has its real and imaginary parts divided by the real denominator (a
     complex division would round differently and could overflow in ``|denominator|**2``).
@@ -251,7 +254,15 @@ def _divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
         return jax.lax.complex(
             _divide(jnp.real(numerator), denominator), _divide(jnp.imag(numerator), denominator)
         )
-    return -(-numerator / denominator)
+    return (-numerator) / (-denominator)
+
+
+def _root(history: chex.Array, epsilon: chex.Numeric, eps_inside_sqrt: bool) -> chex.Array:
+    """AdaGrad's denominator: ``sqrt(history) + epsilon`` (MXNet 2.0), or ``sqrt(history +
+    epsilon)`` with ``eps_inside_sqrt`` (MXNet 1.x and its GroupAdaGrad)."""
+    if eps_inside_sqrt:
+        return jnp.sqrt(history + _like(epsilon, history))
+    return jnp.sqrt(history) + _like(epsilon, history)
 
 
 def _square(grad: chex.Array) -> chex.Array:
@@ -355,11 +366,7 @@ def scale_by_adagrad(
       Array([ 1., -1.], dtype=float32)
     """
     _check_accumulator_args("scale_by_adagrad", epsilon, initial_accumulator_value)
-
-    def root(history):
-        if eps_inside_sqrt:
-            return jnp.sqrt(history + _like(epsilon, history))
-        return jnp.sqrt(history) + _like(epsilon, history)
+    _checks.boolean("scale_by_adagrad", "eps_inside_sqrt", eps_inside_sqrt)
 
     def init_fn(params):
         _checks.floating("scale_by_adagrad", "params", params)
@@ -375,7 +382,7 @@ def scale_by_adagrad(
             updates,
             state.history,
             lambda h, g: h + _square(g),
-            lambda g, h: _divide(g, root(h)),
+            lambda g, h: _divide(g, _root(h, epsilon, eps_inside_sqrt)),
         )
         return updates, ScaleByAdagradState(history)
 
@@ -389,23 +396,27 @@ class ScaleByRowwiseAdagradState(NamedTuple):
     history: optax.Updates
 
 
-def _row_vector(param: chex.Array, value: chex.Numeric) -> chex.Array:
+def _row_vector(param: chex.Array, value: chex.Numeric, keepdims: bool) -> chex.Array:
     """``value`` once per row of ``param`` (per element for ndim < 2), in its (real) dtype and,
     when it is placed on a mesh, split along the mesh axes of its rows."""
     value = _real(value)
-    if _row_shape(jnp.shape(param)) == jnp.shape(param):
+    shape = _row_shape(jnp.shape(param), keepdims)
+    if shape == jnp.shape(param):
         return jnp.full_like(param, value, _real_dtype(param))
     sharding = getattr(param, "sharding", None)
     if isinstance(sharding, NamedSharding):
         sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
     else:
         sharding = None
-    return jnp.full(param.shape[:1], value, _real_dtype(param), device=sharding)
+    return jnp.full(shape, value, _real_dtype(param), device=sharding)
 
 
-def _row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of a row-wise history: ``(rows,)`` for two or more axes, else the shape."""
-    return shape[:1] if len(shape) >= 2 else shape
+def _row_shape(shape: tuple[int, ...], keepdims: bool = False) -> tuple[int, ...]:
+    """The shape of a row-wise history: ``(rows,)`` for two or more axes (``(rows, 1, ...)``
+    with ``keepdims``), else the shape."""
+    if len(shape) < 2:
+        return shape
+    return shape[:1] + (1,) * (len(shape) - 1) if keepdims else shape[:1]
 
 
 def _row_mean_square(history: chex.Array, grad: chex.Array) -> chex.Array:
@@ -415,8 +426,9 @@ def _row_mean_square(history: chex.Array, grad: chex.Array) -> chex.Array:
     width = math.prod(grad.shape[1:])
     if grad.ndim < 2 or width == 1:  # the mean of one square is the square: element-wise
         return (history.reshape(grad.shape) + _square(grad)).reshape(history.shape)
-    total = _row_sum_of_squares(grad.reshape(grad.shape[0], width), history * 0)
-    return history + total * _like(1 / width, total)
+    rows = history.reshape(grad.shape[0])
+    total = _row_sum_of_squares(grad.reshape(grad.shape[0], width), jnp.minimum(rows, 0))
+    return (rows + total * _like(1 / width, total)).reshape(history.shape)
 
 
 # Partial sums of a row's squares (see _row_sum_of_squares): the native kernels use the same.
@@ -433,8 +445,9 @@ def _row_sum_of_squares(rows: chex.Array, zero: chex.Array) -> chex.Array:
             ...                         # count leaves the middle lane as it is
 
     XLA is free to sum a reduction in any order (and does, by shape and by fusion), so the
-    order is written out in additions, which XLA keeps. ``zero`` (one per row: ``0 * history``,
-    a zero XLA cannot fold away) starts every lane, so no addition ever has two bare squares
+    order is written out in additions, which XLA keeps. ``zero`` (one per row:
+    ``minimum(history, 0)``, a zero XLA cannot fold away, that stays 0 for an infinite history
+    and NaN for a NaN one) starts every lane, so no addition ever has two bare squares
     for the compiler to contract into a multiply-add either way: each square is added to a sum,
     contracted. The native row-wise kernels (``mx_adagrad/_native/step.h``) do the same
     operations and so compute the same bits.
@@ -460,6 +473,9 @@ def _per_row(values: chex.Array, rows: chex.Array) -> chex.Array:
 def scale_by_rowwise_adagrad(
     epsilon: chex.Numeric = 1e-6,
     initial_accumulator_value: chex.Numeric = 0.0,
+    *,
+    eps_inside_sqrt: bool = False,
+    keepdims: bool = False,
 ) -> optax.GradientTransformation:
     """Row-wise AdaGrad: one accumulator per row of a table, the mean of the row's squared
     gradient, as TorchRec's ``RowWiseAdagrad`` and FBGEMM's ``EXACT_ROWWISE_ADAGRAD``.
@@ -473,15 +489,19 @@ def scale_by_rowwise_adagrad(
     :func:`scale_by_adagrad`. The state of a ``(rows, dim)`` table is ``rows`` numbers instead of
     ``rows * dim``: 64x less optimizer memory for a 64-wide embedding. A
     :class:`~mx_adagrad.RowSparse` gradient updates the accumulators of its rows only.
+    With ``eps_inside_sqrt=True`` and ``keepdims=True`` it is MXNet 1.x's GroupAdaGrad
+    (:func:`mx_adagrad.contrib.group_adagrad`): ``g[r] / sqrt(history[r] + epsilon)``, with a
+    history of shape ``(rows, 1)``.
 
-    MXNet has no row-wise AdaGrad; with ``dim == 1`` it is :func:`scale_by_adagrad`.
-
-    For complex parameters ``g**2`` is ``real(g * conj(g))`` and the history is real, as in
-    :func:`scale_by_adagrad`.
+    With ``dim == 1`` it is :func:`scale_by_adagrad`. For complex parameters ``g**2`` is
+    ``real(g * conj(g))`` and the history is real, as in :func:`scale_by_adagrad`.
 
     Args:
       epsilon: added to the root, >= 0.
       initial_accumulator_value: the history's first value, >= 0.
+      eps_inside_sqrt: put ``epsilon`` under the square root (MXNet 1.x's GroupAdaGrad).
+      keepdims: keep the history of a ``(rows, ...)`` parameter as ``(rows, 1, ...)``, as
+        MXNet's GroupAdaGrad does, instead of ``(rows,)``.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ScaleByRowwiseAdagradState`.
@@ -496,23 +516,33 @@ def scale_by_rowwise_adagrad(
     """
     where = "scale_by_rowwise_adagrad"
     _check_accumulator_args(where, epsilon, initial_accumulator_value)
+    _checks.boolean(where, "eps_inside_sqrt", eps_inside_sqrt)
+    _checks.boolean(where, "keepdims", keepdims)
 
     def init_fn(params):
         _checks.floating(where, "params", params)
-        history = jax.tree.map(lambda p: _row_vector(p, initial_accumulator_value), params)
+        history = jax.tree.map(
+            lambda p: _row_vector(p, initial_accumulator_value, keepdims), params
+        )
         return ScaleByRowwiseAdagradState(history)
 
     def scale(g, h):
+        root = _per_row(g, _root(h, epsilon, eps_inside_sqrt))
         if g.ndim < 2 or math.prod(g.shape[1:]) == 1:  # element-wise
-            return _divide(g, _per_row(g, jnp.sqrt(h) + _like(epsilon, h)))
+            return _divide(g, root)
         # One division per row, as the native kernels take it (and as XLA rewrites a division
         # by a broadcast row value).
-        return g * _per_row(g, 1 / (jnp.sqrt(h) + _like(epsilon, h))).astype(g.dtype)
+        return g * _divide(_like(1, root), root).astype(g.dtype)
 
     def update_fn(updates, state, params=None):
         del params
         updates, history = _accumulator(
-            where, updates, state.history, _row_mean_square, scale, _row_shape
+            where,
+            updates,
+            state.history,
+            _row_mean_square,
+            scale,
+            lambda shape: _row_shape(shape, keepdims),
         )
         return updates, ScaleByRowwiseAdagradState(history)
 

@@ -122,6 +122,24 @@ def rowwise_step(
     return weight - lr * grad / root, history
 
 
+def group_adagrad_step(
+    weight, grad, history, *, lr, eps=1e-5, rescale_grad=1.0, clip_gradient=None
+):
+    """One step of MXNet 1.x's ``contrib.GroupAdaGrad`` on a 2-D weight, in float64, as its
+    Python source writes it (``mxnet/optimizer/contrib.py``)::
+
+        grad = clip(grad * rescale_grad, clip_gradient)
+        history += mean(square(grad), axis=1, keepdims=True)      # history: (rows, 1)
+        weight -= lr * grad / sqrt(history + eps)
+    """
+    weight, grad, history = (as_float64(x) for x in (weight, grad, history))
+    grad = grad * rescale_grad
+    if clip_gradient is not None:
+        grad = clip(grad, clip_gradient)
+    history = history + np.mean(square(grad), axis=1, keepdims=True)
+    return weight - lr * grad / np.sqrt(history + eps), history
+
+
 def torchrec_rowwise_step(param, grad, state_sum, *, lr, eps, weight_decay=0.0):
     """One step of TorchRec's ``RowWiseAdagrad`` on a 2-D table, as published, in float64:
 

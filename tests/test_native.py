@@ -73,12 +73,17 @@ def reference_step(tx):
     return jax.jit(step)
 
 
+# The element-wise transformations whose one-pass form the dense kernels take.
+ELEMENTWISE = {"mxnet2": mx_adagrad.adagrad, "mxnet1": mx_adagrad.legacy.adagrad}
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_kernel_is_bitwise_equal_to_xla(dtype, config):
+@pytest.mark.parametrize("kind", ELEMENTWISE)
+def test_kernel_is_bitwise_equal_to_xla(kind, dtype, config):
     rng = np.random.default_rng(0)
     multi_precision = dtype != jnp.float32
-    opt = flat.fused_adagrad(0.1, **config, multi_precision=multi_precision)
+    opt = flat.one_pass(ELEMENTWISE[kind](0.1, **config, multi_precision=multi_precision))
     params = random_tree(rng, dtype, edges=True)
     state = opt.init(params)
     fused, reference = jax.jit(opt.step), reference_step(opt.tx)
@@ -130,12 +135,15 @@ def test_in_place_one_call_no_loops_no_temporaries(dtype, multi_precision, outpu
 
 def test_build_into_a_fresh_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MX_ADAGRAD_CACHE_DIR", str(tmp_path))
+    assert library.cache_dir() == tmp_path
     compiler = library._compiler()
-    path = library.library_path(compiler)
-    assert path.parent == tmp_path and not path.exists()
+    path = tmp_path / library.library_name(compiler)
     library.build(compiler, path)
-    assert path.exists() and list(tmp_path.iterdir()) == [path]  # no temporary left behind
-    assert library.library_path(compiler) == path  # same key: a later process loads it
+    digest = library.digest_path(path)
+    # The library and its digest, no temporary left behind.
+    assert sorted(tmp_path.iterdir()) == [path, digest]
+    assert digest.read_text().split()[1:] == [path.name]  # `sha256sum -c` reads it
+    assert library.library_name(compiler) == path.name  # same key: a later process loads it
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import functools
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -106,6 +106,32 @@ def load() -> bool:
     return True
 
 
+class Form(NamedTuple):
+    """What a step kernel computes (its call's attributes; ``step.h``'s ``Rule``).
+
+    Attributes:
+      rescale_fma: XLA CPU contracts ``g * rescale_grad + wd * w`` on the rescale's multiply
+        (:func:`rescale_fma`).
+      decay: the step has a weight-decay term (a sparse step also drops it per table, where the
+        decay is a concrete 0).
+      eps_inside: divide by ``sqrt(history + epsilon)`` (MXNet 1.x, GroupAdaGrad), not
+        ``sqrt(history) + epsilon``.
+      decay_after: MXNet 1.x's weight decay, ``g / root + wd * w``, outside the history.
+      fold_rescale: the rescale is a constant other than 1 and nothing clips the gradient:
+        without a decay term, XLA folds it into the row-wise step's reciprocal root
+        (:func:`fold_rescale`).
+    """
+
+    rescale_fma: bool
+    decay: bool = True
+    eps_inside: bool = False
+    decay_after: bool = False
+    fold_rescale: bool = False
+
+    def attributes(self) -> dict[str, np.int64]:
+        return {name: np.int64(value) for name, value in self._asdict().items()}
+
+
 def step(
     hyper: jax.Array,
     coef: jax.Array,
@@ -113,7 +139,8 @@ def step(
     grads: Sequence[jax.Array],
     masters: Sequence[jax.Array] | None,
     histories: Sequence[jax.Array],
-    rowwise: bool = False,
+    rowwise: bool,
+    form: Form,
 ) -> tuple[list[jax.Array], list[jax.Array] | None, list[jax.Array]]:
     """One in-place AdaGrad step of same-dtype leaves (CPU only), in calls of at most
     ``MAX_LEAVES_PER_CALL`` leaves.
@@ -127,6 +154,7 @@ def step(
       histories: n float32 histories: of the weight's shape, or with ``rowwise`` one number per
         row of a float32 weight of two or more axes (``adagrad.cc``'s row-wise step).
       rowwise: row-wise AdaGrad (float32, no masters).
+      form: the variant of the step.
 
     Returns:
       ``(weights, masters, histories)`` after the step; each output aliases its input, so with
@@ -149,36 +177,47 @@ def step(
             jax.ShapeDtypeStruct(x.shape, x.dtype) for leaf in leaves for x in (leaf[0], *leaf[2:])
         ]
         results += jax.ffi.ffi_call(target, shapes, input_output_aliases=aliases)(
-            hyper, coef[start : start + MAX_LEAVES_PER_CALL], *(x for leaf in leaves for x in leaf)
+            hyper,
+            coef[start : start + MAX_LEAVES_PER_CALL],
+            *(x for leaf in leaves for x in leaf),
+            **form.attributes(),
         )
     by_output = [results[j::outputs] for j in range(outputs)]
     return by_output[0], by_output[1] if masters is not None else None, by_output[-1]
 
 
 def hyper_array(
-    dtype: Any,
-    rescale_grad: chex.Numeric,
-    clip_gradient: chex.Numeric | None,
-    epsilon: chex.Numeric,
+    rescale_grad: chex.Numeric, clip_gradient: chex.Numeric | None, epsilon: chex.Numeric
 ) -> jax.Array:
-    """The kernel's float32 ``hyper`` operand for weights of ``dtype``, rounded as XLA rounds them.
-
-    ``[rescale_grad, clip_gradient (inf: none), epsilon, rescale_fma]``. ``rescale_fma`` says
-    which multiply XLA CPU contracts with the add in ``g * rescale_grad + wd * w``: the rescale's,
-    when the gradient is not clipped, the rescale is not a constant 1 (XLA drops a multiplication
-    by a constant 1, leaving ``g + wd * w``) and the gradient is not a bfloat16 converted to
-    float32 (LLVM then contracts the decay's multiply instead). Measured with jaxlib 0.10.2 and
-    pinned by ``tests/test_native.py``, which compares the kernel with XLA bit for bit.
-    """
+    """The step kernels' ``hyper`` operand, float32 ``[rescale_grad, clip_gradient (inf: none),
+    epsilon]``, each rounded as the XLA path rounds it."""
     clip = np.inf if clip_gradient is None else clip_gradient
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in (rescale_grad, clip, epsilon)])
+
+
+def rescale_fma(dtype: Any, rescale_grad: chex.Numeric, clip_gradient: chex.Numeric | None) -> bool:
+    """Which multiply XLA CPU contracts with the add in ``g * rescale_grad + wd * w`` for weights
+    of ``dtype``: the rescale's (True) when the gradient is not clipped, the rescale is not a
+    constant 1 (XLA drops a multiplication by a constant 1, leaving ``g + wd * w``) and the
+    gradient is not a bfloat16 converted to float32 (LLVM then contracts the decay's multiply
+    instead). Measured with jaxlib 0.10.2 and pinned by ``tests/test_native.py``, which compares
+    the kernels with XLA bit for bit.
+    """
     rescale = _checks.concrete_float(rescale_grad)
-    rescale_fma = (
+    return (
         clip_gradient is None
         and (rescale is None or np.float32(rescale) != 1.0)
         and jnp.dtype(dtype) != jnp.bfloat16
     )
-    values = (rescale_grad, clip, epsilon, float(rescale_fma))
-    return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+
+
+def fold_rescale(rescale_grad: chex.Numeric, clip_gradient: chex.Numeric | None) -> bool:
+    """Whether XLA CPU rewrites ``(g * rescale_grad) * reciprocal`` (the row-wise update of a
+    step without weight decay) into ``g * (reciprocal * rescale_grad)``: for a constant rescale
+    other than 1 with no clipping in between (measured with jaxlib 0.10.2, pinned by
+    ``tests/test_flat.py``)."""
+    rescale = _checks.concrete_float(rescale_grad)
+    return clip_gradient is None and rescale is not None and np.float32(rescale) != 1.0
 
 
 def coalesce(indices: jax.Array, values: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -300,6 +339,7 @@ def sparse_step(
     coef: jax.Array,
     tables: Sequence[tuple[jax.Array, ...]],
     rowwise: bool,
+    form: Form,
 ) -> list[tuple[jax.Array, jax.Array]]:
     """``sparse_step.cc`` (CPU only): one AdaGrad step of float32 tables on their sparse
     gradients, all tables in one call, written in place of the touched rows.
@@ -313,6 +353,7 @@ def sparse_step(
         for a RowSparse ``bag`` and ``scale`` of size 0 and ``values (n, width)``; the float32
         ``weight``; its ``history``: of the weight's shape, or ``(rows,)`` with ``rowwise``.
       rowwise: row-wise AdaGrad (one history number per row).
+      form: the variant of the step.
 
     Returns:
       Per table ``(weight, history)``, aliasing the operands: with donated buffers the step
@@ -328,5 +369,5 @@ def sparse_step(
     call = jax.ffi.ffi_call(
         SPARSE_STEP_TARGET[0], shapes, input_output_aliases=aliases, vmap_method="sequential"
     )
-    results = call(*operands, rowwise=np.int64(rowwise))
+    results = call(*operands, rowwise=np.int64(rowwise), **form.attributes())
     return list(zip(results[::2], results[1::2]))

@@ -1,33 +1,37 @@
-// MXNet 2.0's AdaGrad step for the XLA CPU backend: update and apply in one pass over memory.
+// The AdaGrad steps for the XLA CPU backend: update and apply in one pass over memory.
 //
-// One FFI call updates any number of parameters ("leaves"). Per element, in float32:
+// One FFI call updates any number of parameters ("leaves"). Per element, in float32, MXNet 2.0's
+// step (mx_adagrad.adagrad):
 //
 //   g = clip(rescale_grad * grad, clip_gradient) + wd * weight
 //   history = history + g * g
 //   weight = weight + g / (sqrt(history) + epsilon) * neg_lr        (neg_lr = -lr * lr_mult)
 //
-// with the same operations, order and roundings as the XLA CPU program of mx_adagrad.adagrad
-// followed by apply_updates, so the results are bitwise equal (tests/test_native.py). That
-// includes XLA's fused multiply-adds: XLA CPU lets LLVM contract a multiply feeding an add into one
-// FMA (one rounding) where the CPU has FMA instructions, so the kernel calls Fma() at exactly
-// those places: the decay (`g + wd * w`), the history (`h + g * g`) and the weight
-// (`w + q * neg_lr`). When the gradient is rescaled and not clipped, LLVM contracts
-// `g * rescale + wd * w` on the rescale instead, except for a bfloat16 gradient converted to
-// float32: the kernel's kRescaleFma variant, chosen in Python (hyper_array in __init__.py). This
-// matches jaxlib 0.10.2's XLA CPU; if a later XLA contracts differently, tests/test_native.py
-// fails and says where. The float16 and bfloat16 variants are multi_precision: they step a float32
-// master copy and history, and write the weight as XLA does, weight + (low(master) - weight)
-// rounded to the weight's dtype.
+// or, with the attribute eps_inside, sqrt(history + epsilon), and with decay_after MXNet 1.x's
+// decay, g / sqrt(history + epsilon) + wd * weight, outside the history (mx_adagrad.legacy.adagrad)
+// (step.h: one Rule per variant). Each is computed with the same operations, order and roundings
+// as the XLA CPU program of its optax form followed by apply_updates, so the results are bitwise
+// equal (tests/test_native.py). That includes XLA's fused multiply-adds: XLA CPU lets LLVM
+// contract a multiply feeding an add into one FMA (one rounding) where the CPU has FMA
+// instructions, so the kernel calls Fma() at exactly those places: the decay (`g + wd * w`), the
+// history (`h + g * g`) and the weight (`w + q * neg_lr`). When the gradient is rescaled and not
+// clipped, LLVM contracts `g * rescale + wd * w` on the rescale instead, except for a bfloat16
+// gradient converted to float32: the attribute rescale_fma, chosen in Python (rescale_fma in
+// __init__.py). This matches jaxlib 0.10.2's XLA CPU; if a later XLA contracts differently,
+// tests/test_native.py fails and says where. The float16 and bfloat16 variants are
+// multi_precision: they step a float32 master copy and history, and write the weight as XLA does,
+// weight + (low(master) - weight) rounded to the weight's dtype.
 //
-// The row-wise handler (MxAdagradRowwiseStepF32, mx_adagrad.rowwise_adagrad) steps float32 leaves
-// of two or more axes a row at a time, one history number per row (step.h: RowwiseRow):
+// The row-wise handler (MxAdagradRowwiseStepF32: mx_adagrad.rowwise_adagrad, and with eps_inside
+// MXNet's GroupAdaGrad) steps float32 leaves of two or more axes a row at a time, one history
+// number per row (step.h: RowwiseRow):
 //
 //   g = as above;  history = history + sum(g * g) * (1 / width);  weight = weight + g * (1 /
-//   (sqrt(history) + epsilon)) * neg_lr
+//   root(history)) * neg_lr
 //
 // with the sum in the order mx_adagrad.transforms writes it, so it too is bitwise its optax form.
 //
-// Build flags (mx_adagrad/_native/__init__.py): -O3 -march=native -fno-math-errno
+// Build flags (mx_adagrad/_native/library.py): -O3 -march=native -fno-math-errno
 // -ffp-contract=off. Without -fno-math-errno the sqrt does not vectorize; -ffp-contract=off keeps
 // the compiler from contracting anything beyond the explicit Fma() calls. Neither flag changes an
 // IEEE result.
@@ -61,7 +65,7 @@ struct Work {
   std::vector<int64_t> starts;  // starts[i]: the index of leaves[i]'s first element
   int64_t total = 0;
   Hyper hp{};
-  bool rescale_fma = false;
+  Flags flags{};
 
   void Run(int64_t begin, int64_t end) const {
     auto it = std::upper_bound(starts.begin(), starts.end(), begin) - 1;
@@ -69,11 +73,9 @@ struct Work {
       const int64_t lo = std::max(begin, starts[i]) - starts[i];
       const int64_t hi = std::min(end, starts[i] + leaves[i].size) - starts[i];
       if (lo >= hi) continue;
-      if (rescale_fma) {
-        StepRange<true>(Kind{}, leaves[i], hp, lo, hi);
-      } else {
-        StepRange<false>(Kind{}, leaves[i], hp, lo, hi);
-      }
+      WithRule(flags, [&](auto rule) {
+        StepRange<decltype(rule)>(Kind{}, leaves[i], hp, lo, hi);
+      });
     }
   }
 };
@@ -101,17 +103,26 @@ void RunChunks(ffi::ThreadPool& pool, const W& work) {
   });
 }
 
-// Arguments: hyper f32[4] (rescale, clip, epsilon, 1 for the kRescaleFma variant else 0), coef
-// f32[n, 2] (neg_lr, wd per leaf), then per leaf weight, grad, [master,] history. Results: per
-// leaf weight, [master,] history, each aliased to its input.
+Flags ReadFlags(int64_t rescale_fma, int64_t decay, int64_t eps_inside, int64_t decay_after,
+                int64_t fold_rescale) {
+  return Flags{rescale_fma != 0, decay != 0, eps_inside != 0, decay_after != 0,
+               fold_rescale != 0 && decay == 0};
+}
+
+// Arguments: hyper f32[3] (rescale, clip, epsilon), coef f32[n, 2] (neg_lr, wd per leaf), then per
+// leaf weight, grad, [master,] history. Results: per leaf weight, [master,] history, each aliased
+// to its input. Attributes: rescale_fma, decay (0: no weight-decay term at all, GroupAdaGrad),
+// eps_inside, decay_after, fold_rescale (see the top and step.h's Rule).
 template <typename Kind>
 ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> coef,
-                ffi::RemainingArgs args, ffi::RemainingRets rets) {
+                ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t rescale_fma,
+                int64_t decay, int64_t eps_inside, int64_t decay_after,
+                int64_t fold_rescale) {
   constexpr size_t kIn = Kind::kMaster ? 4 : 3;
   constexpr size_t kOut = kIn - 1;
   const auto dims = coef.dimensions();
-  if (dims.size() != 2 || dims[1] != 2 || hyper.element_count() != 4) {
-    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[4], coef f32[n, 2]");
+  if (dims.size() != 2 || dims[1] != 2 || hyper.element_count() != 3) {
+    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[3], coef f32[n, 2]");
   }
   const size_t n = static_cast<size_t>(dims[0]);
   if (args.size() != n * kIn || rets.size() != n * kOut) {
@@ -120,7 +131,7 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Buffer<f
   Work<Kind> work;
   const float* h = hyper.typed_data();
   work.hp = Hyper{h[0], h[1], h[2]};
-  work.rescale_fma = h[3] != 0.0f;
+  work.flags = ReadFlags(rescale_fma, decay, eps_inside, decay_after, fold_rescale);
   work.leaves.reserve(n);
   work.starts.reserve(n);
   const float* c = coef.typed_data();
@@ -171,7 +182,7 @@ struct RowwiseWork {
   std::vector<int64_t> starts;  // starts[i]: the index of tables[i]'s first element
   int64_t total = 0;
   Hyper hp{};
-  bool rescale_fma = false;
+  Flags flags{};
 
   // The rows whose first element lies in [begin, end), in every table.
   void Run(int64_t begin, int64_t end) const {
@@ -182,29 +193,27 @@ struct RowwiseWork {
       if (static_cast<int64_t>(scratch.size()) < t.width) scratch.resize(t.width);
       const int64_t first = (std::max(begin, starts[i]) - starts[i] + t.width - 1) / t.width;
       const int64_t last = std::min(t.rows, (end - starts[i] + t.width - 1) / t.width);
-      for (int64_t r = first; r < last; ++r) {
-        float* w = t.weight + r * t.width;
-        const float* g = t.grad + r * t.width;
-        if (rescale_fma) {
-          RowwiseRow<true, true, true>(w, g, t.history + r, t.width, hp, t.neg_lr, t.wd,
-                                       scratch.data());
-        } else {
-          RowwiseRow<false, true, true>(w, g, t.history + r, t.width, hp, t.neg_lr, t.wd,
-                                        scratch.data());
+      WithRule(flags, [&](auto rule) {
+        for (int64_t r = first; r < last; ++r) {
+          RowwiseRow<decltype(rule), true>(t.weight + r * t.width, t.grad + r * t.width,
+                                           t.history + r, t.width, hp, t.neg_lr, t.wd,
+                                           scratch.data());
         }
-      }
+      });
     }
   }
 };
 
 // Row-wise AdaGrad, dense: arguments hyper and coef as Step's, then per table weight f32[rows,
-// ...], grad like weight, history f32[rows]. Results: per table weight and history, aliased.
+// ...], grad like weight, history of `rows` elements (f32[rows], or GroupAdaGrad's f32[rows, 1]).
+// Results: per table weight and history, aliased. Attributes as Step's.
 ffi::Error RowwiseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
                        ffi::Buffer<ffi::F32> coef, ffi::RemainingArgs args,
-                       ffi::RemainingRets rets) {
+                       ffi::RemainingRets rets, int64_t rescale_fma, int64_t decay,
+                       int64_t eps_inside, int64_t decay_after, int64_t fold_rescale) {
   const auto dims = coef.dimensions();
-  if (dims.size() != 2 || dims[1] != 2 || hyper.element_count() != 4) {
-    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[4], coef f32[n, 2]");
+  if (dims.size() != 2 || dims[1] != 2 || hyper.element_count() != 3) {
+    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[3], coef f32[n, 2]");
   }
   const size_t n = static_cast<size_t>(dims[0]);
   if (args.size() != n * 3 || rets.size() != n * 2) {
@@ -213,7 +222,7 @@ ffi::Error RowwiseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
   RowwiseWork work;
   const float* h = hyper.typed_data();
   work.hp = Hyper{h[0], h[1], h[2]};
-  work.rescale_fma = h[3] != 0.0f;
+  work.flags = ReadFlags(rescale_fma, decay, eps_inside, decay_after, fold_rescale);
   const float* c = coef.typed_data();
   for (size_t i = 0; i < n; ++i) {
     auto w = args.get<ffi::AnyBuffer>(i * 3);
@@ -246,23 +255,25 @@ ffi::Error RowwiseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
 
 }  // namespace
 
-#define MX_ADAGRAD_HANDLER(NAME, KIND)                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, Step<KIND>,               \
-                                ffi::Ffi::Bind()                \
-                                    .Ctx<ffi::ThreadPool>()     \
-                                    .Arg<ffi::Buffer<ffi::F32>>() \
-                                    .Arg<ffi::Buffer<ffi::F32>>() \
-                                    .RemainingArgs()            \
-                                    .RemainingRets());
+// The attributes every step handler takes (see the top).
+#define MX_ADAGRAD_STEP_BINDING              \
+  ffi::Ffi::Bind()                            \
+      .Ctx<ffi::ThreadPool>()                 \
+      .Arg<ffi::Buffer<ffi::F32>>()           \
+      .Arg<ffi::Buffer<ffi::F32>>()           \
+      .RemainingArgs()                        \
+      .RemainingRets()                        \
+      .Attr<int64_t>("rescale_fma")           \
+      .Attr<int64_t>("decay")                 \
+      .Attr<int64_t>("eps_inside")            \
+      .Attr<int64_t>("decay_after")           \
+      .Attr<int64_t>("fold_rescale")
 
-MX_ADAGRAD_HANDLER(MxAdagradStepF32, Float32)
-MX_ADAGRAD_HANDLER(MxAdagradStepBF16, BFloat16)
-MX_ADAGRAD_HANDLER(MxAdagradStepF16, Float16)
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradStepF32, Step<Float32>,
+                              MX_ADAGRAD_STEP_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradStepBF16, Step<BFloat16>,
+                              MX_ADAGRAD_STEP_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradStepF16, Step<Float16>,
+                              MX_ADAGRAD_STEP_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradRowwiseStepF32, RowwiseStep,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .RemainingRets());
+                              MX_ADAGRAD_STEP_BINDING);

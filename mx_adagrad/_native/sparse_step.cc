@@ -10,6 +10,8 @@
 //                    w[r] += g / (sqrt(h[r]) + epsilon) * neg_lr
 //     row-wise:      the same g;  h[r] += mean(g * g);  w[r] += g / (sqrt(h[r]) + epsilon) * neg_lr
 //
+// or another rule of step.h (epsilon inside the root; MXNet 1.x's decay after the division), as
+// the attributes say (adagrad.cc's top).
 // with the roundings of the optax form of the same step on the same leaf (mx_adagrad's transforms
 // on the coalesced rows, then apply_updates' scatter-add), so the two are bitwise equal
 // (tests/test_native.py): step.h's arithmetic with the weight's update added in a rounding of its
@@ -58,18 +60,18 @@ struct Table {
   Groups* groups;
 };
 
-template <bool kRescaleFma, bool kDecay>
+template <typename R>
 void StepRow(const Table& t, float* w, const float* g, float* h, const Hyper& hp,
              float* scratch) {
   if (t.rowwise) {
-    RowwiseRow<kRescaleFma, kDecay, false>(w, g, h, t.terms.width, hp, t.neg_lr, t.wd, scratch);
+    RowwiseRow<R, false>(w, g, h, t.terms.width, hp, t.neg_lr, t.wd, scratch);
   } else {
-    ElementwiseRow<kRescaleFma, kDecay, false>(w, g, h, t.terms.width, hp, t.neg_lr, t.wd);
+    ElementwiseRow<R, false>(w, g, h, t.terms.width, hp, t.neg_lr, t.wd);
   }
 }
 
 // Touched rows [begin, end) of table t (in its order of rows).
-template <bool kRescaleFma, bool kDecay>
+template <typename R>
 void StepRows(const Table& t, const Hyper& hp, int64_t begin, int64_t end) {
   const int64_t width = t.terms.width;
   const int64_t h_width = t.rowwise ? 1 : width;
@@ -89,7 +91,7 @@ void StepRows(const Table& t, const Hyper& hp, int64_t begin, int64_t end) {
     }
     SumGroup(t.terms, g, k, summed);
     const int64_t r = g.unique[k];
-    StepRow<kRescaleFma, kDecay>(t, t.weight + r * width, summed, t.history + r * h_width, hp,
+    StepRow<R>(t, t.weight + r * width, summed, t.history + r * h_width, hp,
                                  scratch);
   }
 }
@@ -111,18 +113,20 @@ float* InPlace(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out) {
 
 constexpr size_t kArgsPerTable = 6;
 
-// Arguments: hyper f32[4] (rescale, clip, epsilon, 1 for the kRescaleFma variant else 0), coef
-// f32[tables, 3] (neg_lr, wd, 1 if the step decays else 0), then per table: ids s32[n] or
+// Arguments: hyper f32[3] (rescale, clip, epsilon), coef f32[tables, 3] (neg_lr, wd, 1 if the step decays else 0), then per table: ids s32[n] or
 // s64[n]; bag s32[n] (a BagGrad) or s32[0] (a RowSparse); scale f32[n] or f32[0]; values
 // f32[bags, width] (f32[n, width] for a RowSparse); weight f32[rows, width...]; history like
-// weight (element-wise) or f32[rows] (rowwise). Results: per table weight and history, aliased.
-// Attribute: rowwise.
+// weight (element-wise) or of `rows` elements (rowwise). Results: per table weight and history,
+// aliased. Attributes: rowwise, and adagrad.cc's rescale_fma, decay, eps_inside, decay_after,
+// fold_rescale.
 ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
                       ffi::Buffer<ffi::F32> coef, ffi::RemainingArgs args,
-                      ffi::RemainingRets rets, int64_t rowwise) {
+                      ffi::RemainingRets rets, int64_t rowwise, int64_t rescale_fma,
+                      int64_t decay, int64_t eps_inside, int64_t decay_after,
+                      int64_t fold_rescale) {
   const auto dims = coef.dimensions();
-  if (hyper.element_count() != 4 || dims.size() != 2 || dims[1] != 3) {
-    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[4], coef f32[n, 3]");
+  if (hyper.element_count() != 3 || dims.size() != 2 || dims[1] != 3) {
+    return ffi::Error::InvalidArgument("mx_adagrad: hyper must be f32[3], coef f32[n, 3]");
   }
   const size_t count = static_cast<size_t>(dims[0]);
   if (args.size() != count * kArgsPerTable || rets.size() != count * 2) {
@@ -130,7 +134,6 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
   }
   const float* p = hyper.typed_data();
   const Hyper hp{p[0], p[1], p[2]};
-  const bool rescale_fma = p[3] != 0.0f;
   const float* c = coef.typed_data();
   std::vector<LeasedGroups> groups(count);
   std::vector<Table> tables;
@@ -212,13 +215,10 @@ ffi::Error SparseStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
   ParallelFor(pool, static_cast<int64_t>(tasks.size()), threads, [&](int64_t j) {
     const Task& task = tasks[j];
     const Table& t = tables[task.table];
-    if (rescale_fma) {
-      t.decay ? StepRows<true, true>(t, hp, task.begin, task.end)
-              : StepRows<true, false>(t, hp, task.begin, task.end);
-    } else {
-      t.decay ? StepRows<false, true>(t, hp, task.begin, task.end)
-              : StepRows<false, false>(t, hp, task.begin, task.end);
-    }
+    const bool decays = decay != 0 && t.decay;
+    const Flags flags{rescale_fma != 0, decays, eps_inside != 0, decay_after != 0,
+                      fold_rescale != 0 && !decays};
+    WithRule(flags, [&](auto rule) { StepRows<decltype(rule)>(t, hp, task.begin, task.end); });
   });
   return ffi::Error::Success();
 }
@@ -232,4 +232,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MxAdagradSparseStepF32, SparseStep,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .RemainingRets()
-                                  .Attr<int64_t>("rowwise"));
+                                  .Attr<int64_t>("rowwise")
+                                  .Attr<int64_t>("rescale_fma")
+                                  .Attr<int64_t>("decay")
+                                  .Attr<int64_t>("eps_inside")
+                                  .Attr<int64_t>("decay_after")
+                                  .Attr<int64_t>("fold_rescale"));

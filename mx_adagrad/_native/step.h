@@ -1,6 +1,8 @@
-// The arithmetic of the AdaGrad steps, shared by the dense one-pass kernel (adagrad.cc) and the
-// sparse one (sparse_step.cc): MXNet 2.0's element-wise step and the row-wise step. See adagrad.cc
-// for what it matches and how.
+// The arithmetic of the AdaGrad steps, shared by the dense one-pass kernels (adagrad.cc) and the
+// sparse one (sparse_step.cc). One parametrized step covers the family (a Rule): MXNet 2.0's
+// AdaGrad, MXNet 1.x's (epsilon inside the root, weight decay after the division), the row-wise
+// step (TorchRec) and MXNet's GroupAdaGrad (row-wise, epsilon inside the root). See adagrad.cc for
+// what it matches and how.
 
 #ifndef MX_ADAGRAD_NATIVE_STEP_H_
 #define MX_ADAGRAD_NATIVE_STEP_H_
@@ -9,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -35,6 +38,59 @@ inline float Fma(float a, float b, float c) {
 #else
   return a * b + c;
 #endif
+}
+
+// What a step computes, fixed at compile time:
+//   kRescaleFma: XLA contracts `g * rescale + wd * w` on the rescale (see Decayed);
+//   kDecay: the step has a weight-decay term at all (not when it is a concrete 0 on a sparse step);
+//   kEpsInside: divide by sqrt(h + eps) (MXNet 1.x, GroupAdaGrad), not sqrt(h) + eps;
+//   kDecayAfter: MXNet 1.x's decay, wd * w added to the scaled gradient, outside the history;
+//   kFoldRescale: the row-wise weight update is g * (reciprocal * rescale), as XLA rewrites
+//     (g * rescale) * reciprocal when the rescale is a constant and nothing (no clip, no decay)
+//     comes between.
+template <bool kRescaleFma, bool kDecay, bool kEpsInside, bool kDecayAfter, bool kFoldRescale>
+struct Rule {
+  static constexpr bool rescale_fma = kRescaleFma;
+  static constexpr bool decay = kDecay;
+  static constexpr bool eps_inside = kEpsInside;
+  static constexpr bool decay_after = kDecayAfter;
+  static constexpr bool fold_rescale = kFoldRescale;
+};
+
+// The flags of a call, as the kernels read them from its attributes. fold_rescale holds only
+// where there is no decay (the call's attribute says the rescale is a constant and unclipped).
+struct Flags {
+  bool rescale_fma, decay, eps_inside, decay_after, fold_rescale;
+};
+
+template <typename F>
+void Branch(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Calls f(Rule<...>{}) with the rule that `flags` name. Flags that cannot matter are dropped
+// (no decay: neither its placement nor its contraction; decay after the division: no
+// contraction with the rescale; with one, no folded rescale), so ten rules are compiled.
+template <typename F>
+void WithRule(const Flags& flags, F&& f) {
+  Branch(flags.eps_inside, [&](auto inside) {
+    constexpr bool kInside = decltype(inside)::value;
+    if (!flags.decay) {
+      Branch(flags.fold_rescale, [&](auto fold) {
+        f(Rule<false, false, kInside, false, decltype(fold)::value>{});
+      });
+    } else if (flags.decay_after) {
+      f(Rule<false, true, kInside, true, false>{});
+    } else {
+      Branch(flags.rescale_fma, [&](auto fma) {
+        f(Rule<decltype(fma)::value, true, kInside, false, false>{});
+      });
+    }
+  });
 }
 
 // The decayed, clipped, rescaled gradient, contracted as XLA contracts it (see the top).
@@ -116,59 +172,81 @@ inline float Apply(float q, float neg_lr, float w) {
   }
 }
 
-// The gradient a step sees: clipped, rescaled and (kDecay) decayed. Without kDecay there is no
-// decay term at all, as in the optax form of a sparse step whose weight decay is a concrete 0
-// (which never reads the weight).
-template <bool kRescaleFma, bool kDecay>
+// The gradient the history sees: clipped, rescaled and (MXNet 2.0's placement) decayed.
+// Without a decay term, or with MXNet 1.x's decay after the division, it is not decayed.
+template <typename R>
 inline float Gradient(float grad, float weight, const Hyper& hp, float wd) {
-  if constexpr (kDecay) {
-    return Decayed<kRescaleFma>(grad, weight, hp, wd);
+  if constexpr (R::decay && !R::decay_after) {
+    return Decayed<R::rescale_fma>(grad, weight, hp, wd);
   } else {
     return Clip(grad * hp.rescale, hp.clip);
   }
 }
 
+// The denominator: sqrt(h) + epsilon, or sqrt(h + epsilon) with kEpsInside.
+template <typename R>
+inline float Root(float h, float epsilon) {
+  if constexpr (R::eps_inside) {
+    return std::sqrt(h + epsilon);
+  } else {
+    return std::sqrt(h) + epsilon;
+  }
+}
+
+// MXNet 1.x's decay of the scaled gradient q (q + wd * w, contracted); q itself otherwise.
+template <typename R>
+inline float DecayedAfter(float q, float weight, float wd) {
+  if constexpr (R::decay && R::decay_after) {
+    return Fma(wd, weight, q);
+  } else {
+    return q;
+  }
+}
+
+// One element of the element-wise step: updates `history` and returns the new weight.
+template <typename R, bool kFused>
+inline float StepElement(float grad, float weight, float& history, const Hyper& hp, float neg_lr,
+                         float wd) {
+  const float g = Gradient<R>(grad, weight, hp, wd);
+  const float h = Fma(g, g, history);
+  history = h;
+  return Apply<kFused>(DecayedAfter<R>(g / Root<R>(h, hp.epsilon), weight, wd), neg_lr, weight);
+}
+
 // One row of the element-wise step: weight, gradient and history rows of `width` elements.
-template <bool kRescaleFma, bool kDecay, bool kFused>
+template <typename R, bool kFused>
 void ElementwiseRow(float* __restrict w, const float* __restrict g, float* __restrict h,
                     int64_t width, const Hyper& hp, float neg_lr, float wd) {
   for (int64_t e = 0; e < width; ++e) {
-    const float ge = Gradient<kRescaleFma, kDecay>(g[e], w[e], hp, wd);
-    const float he = Fma(ge, ge, h[e]);
-    h[e] = he;
-    w[e] = Apply<kFused>(ge / (std::sqrt(he) + hp.epsilon), neg_lr, w[e]);
+    w[e] = StepElement<R, kFused>(g[e], w[e], h[e], hp, neg_lr, wd);
   }
 }
 
 // Elements [begin, end) of one float32 leaf.
-template <bool kRescaleFma>
+template <typename R>
 void StepRange(Float32, const Leaf& leaf, const Hyper& hp, int64_t begin, int64_t end) {
-  ElementwiseRow<kRescaleFma, true, true>(
-      static_cast<float*>(leaf.weight) + begin, static_cast<const float*>(leaf.grad) + begin,
-      leaf.history + begin, end - begin, hp, leaf.neg_lr, leaf.wd);
+  ElementwiseRow<R, true>(static_cast<float*>(leaf.weight) + begin,
+                          static_cast<const float*>(leaf.grad) + begin, leaf.history + begin,
+                          end - begin, hp, leaf.neg_lr, leaf.wd);
 }
 
 // Elements [begin, end) of one float16/bfloat16 leaf with its float32 master copy.
-template <bool kRescaleFma, typename Kind>
+template <typename R, typename Kind>
 void StepRange(Kind, const Leaf& leaf, const Hyper& hp, int64_t begin, int64_t end) {
   uint16_t* __restrict w = static_cast<uint16_t*>(leaf.weight);
   const uint16_t* __restrict g = static_cast<const uint16_t*>(leaf.grad);
   float* __restrict m = leaf.master;
   float* __restrict h = leaf.history;
-  const float eps = hp.epsilon, neg_lr = leaf.neg_lr, wd = leaf.wd;
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = Decayed<kRescaleFma>(Kind::ToF32(g[i]), m[i], hp, wd);
-    const float hi = Fma(gi, gi, h[i]);
-    const float mi = Fma(gi / (std::sqrt(hi) + eps), neg_lr, m[i]);
+    const float mi = StepElement<R, true>(Kind::ToF32(g[i]), m[i], h[i], hp, leaf.neg_lr, leaf.wd);
     const float wi = Kind::ToF32(w[i]);
-    h[i] = hi;
     m[i] = mi;
     w[i] = Kind::FromF32(wi + (Kind::ToF32(Kind::FromF32(mi)) - wi));
   }
 }
 
 // A row's sum of squares in the order of mx_adagrad.transforms._row_sum_of_squares: 16 lanes,
-// each started at `zero` (0 * history there, NaN when the history is not finite) plus the square
+// each started at `zero` (minimum(history, 0) there: 0, or NaN for a NaN history) plus the square
 // of element j, then element e contracted into lane e % 16 left to right, then the lanes halved
 // (lane j += lane j + ceil(n / 2), an odd count leaving the middle lane) down to one.
 constexpr int64_t kSumLanes = 16;
@@ -192,26 +270,31 @@ inline float SumSquares(const float* __restrict g, int64_t width, float zero) {
 // One row of the row-wise step (one history number per row):
 //
 //   h = h + sum(g * g) * (1 / width)         (the sum in SumSquares' order)
-//   w = w + g * (1 / (sqrt(h) + epsilon)) * neg_lr
+//   w = w + g * (1 / root(h)) * neg_lr       (root: sqrt(h) + epsilon, or sqrt(h + epsilon))
 //
 // `scratch` holds `width` floats: the row's gradient, computed once, read twice.
-template <bool kRescaleFma, bool kDecay, bool kFused>
+template <typename R, bool kFused>
 void RowwiseRow(float* __restrict w, const float* __restrict g, float* __restrict h,
                 int64_t width, const Hyper& hp, float neg_lr, float wd, float* __restrict scratch) {
   if (width == 1) {  // the mean of one square is the square: element-wise, as the optax form
-    ElementwiseRow<kRescaleFma, kDecay, kFused>(w, g, h, 1, hp, neg_lr, wd);
+    ElementwiseRow<R, kFused>(w, g, h, 1, hp, neg_lr, wd);
     return;
   }
   for (int64_t e = 0; e < width; ++e) {
-    scratch[e] = Gradient<kRescaleFma, kDecay>(g[e], w[e], hp, wd);
+    scratch[e] = Gradient<R>(g[e], w[e], hp, wd);
   }
-  const float sum = SumSquares(scratch, width, *h * 0.0f);
+  const float sum = SumSquares(scratch, width, std::min(*h, 0.0f));
   const float hr = Fma(sum, 1.0f / static_cast<float>(width), *h);
   *h = hr;
   // One division per row, then a multiplication per element, as the optax form writes it.
-  const float reciprocal = 1.0f / (std::sqrt(hr) + hp.epsilon);
-  for (int64_t e = 0; e < width; ++e) {
-    w[e] = Apply<kFused>(scratch[e] * reciprocal, neg_lr, w[e]);
+  const float reciprocal = 1.0f / Root<R>(hr, hp.epsilon);
+  if constexpr (R::fold_rescale) {
+    const float folded = reciprocal * hp.rescale;
+    for (int64_t e = 0; e < width; ++e) w[e] = Apply<kFused>(g[e] * folded, neg_lr, w[e]);
+  } else {
+    for (int64_t e = 0; e < width; ++e) {
+      w[e] = Apply<kFused>(DecayedAfter<R>(scratch[e] * reciprocal, w[e], wd), neg_lr, w[e]);
+    }
   }
 }
 

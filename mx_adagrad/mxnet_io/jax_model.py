@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mx_adagrad import contrib
 from mx_adagrad._checks import fail
 from mx_adagrad.mxnet_io.layouts import Refused, Rule, rule_for
 from mx_adagrad.mxnet_io.mapping import (
@@ -160,6 +161,28 @@ def to_jax(
     return plan.fill(arrays.__getitem__, target)
 
 
+def _check_rows_kept(
+    where: str, plan: _Plan, arrays: Mapping[str, np.ndarray], named: bool
+) -> None:
+    """GroupAdaGrad keeps one history number per row of MXNet's layout: refuses a mapping whose
+    rule does not keep every row a row (Dense's transpose, Conv's permutation), since the rows'
+    histories would become columns, which ``group_adagrad`` (per row of the target) cannot
+    continue."""
+    moved = []
+    for path, (gluon, rule) in plan.sources.items():
+        shape = arrays[gluon].shape
+        order = np.arange(np.prod(shape)).reshape(shape)
+        converted = rule.convert(order)
+        if converted.shape[:1] != shape[:1] or not np.array_equal(converted.reshape(shape), order):
+            moved.append(f"{entry(gluon, path, named)} ({rule.name})")
+    if moved:
+        raise ValueError(
+            f"mx_adagrad.{where}: GroupAdaGrad keeps one history number per row of MXNet's "
+            "layout, so each GroupAdaGrad parameter must map to a leaf of the same rows (an "
+            "embedding table, or a leaf whose name takes it unchanged), got: " + "; ".join(moved)
+        )
+
+
 def restore_into(
     params_path: str | os.PathLike[str],
     states_path: str | os.PathLike[str],
@@ -211,7 +234,9 @@ def restore_into(
 
     Raises:
       ValueError: everything :func:`~mx_adagrad.mxnet_io.restore_functional` and
-        :func:`to_jax` raise, and a mapped Gluon parameter that has no optimizer state.
+        :func:`to_jax` raise, a mapped Gluon parameter that has no optimizer state, and, for a
+        GroupAdaGrad checkpoint, a parameter mapped by a rule that moves its rows (a Dense
+        ``kernel``: its per-row histories would become per-column).
       OSError: if a file cannot be read.
     """
     where = "restore_into"
@@ -229,6 +254,8 @@ def restore_into(
                 for path, gluon in untrained
             )
         )
+    if isinstance(optimizer, contrib.GroupAdaGrad):
+        _check_rows_kept(where, plan, arrays, name_map is not None)
     tx = transformation(
         where, optimizer, {path: trained[gluon] for path, (gluon, _) in plan.sources.items()}
     )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mx_adagrad import alias, compat, legacy
+from mx_adagrad import alias, compat, contrib, legacy
 from mx_adagrad._checks import fail, shown
 from mx_adagrad.mxnet_io.ndarray_files import load_params
 from mx_adagrad.mxnet_io.pairing import TrainerOrder, pair, remap, trainer_order_names
@@ -27,7 +27,7 @@ from mx_adagrad.precision import LOW_PRECISION_DTYPES
 
 __all__ = ["restore", "restore_functional"]
 
-_MXNET1_ADAGRAD = OPTIMIZERS[0]
+_MXNET1_ADAGRAD, _MXNET2_ADAGRAD, _GROUP_ADAGRAD = OPTIMIZERS
 
 
 def _optimizer(
@@ -66,9 +66,12 @@ def _optimizer(
         begin_num_update=begin_num_update,
         param_idx2name=remap(idx2name, "idx2name", positions, count, sources),
     )
-    if info["class"] == _MXNET1_ADAGRAD:
+    if info["class"] in (_MXNET1_ADAGRAD, _GROUP_ADAGRAD):
         (eps,) = pickled_attributes(info, "float_stable_eps", sources)
-        optimizer: compat.Optimizer = legacy.AdaGrad(eps=eps, **hyperparameters)
+        optimizer_class = (
+            legacy.AdaGrad if info["class"] == _MXNET1_ADAGRAD else contrib.GroupAdaGrad
+        )
+        optimizer: compat.Optimizer = optimizer_class(eps=eps, **hyperparameters)
     else:
         (epsilon,) = pickled_attributes(info, "epsilon", sources)
         optimizer = compat.AdaGrad(epsilon=epsilon, **hyperparameters)
@@ -106,7 +109,15 @@ def read_checkpoint(
             shown(f"{os.fspath(states_path)!r}, which holds the states only"),
         )
     names = trainer_order_names(params, trainer_order)
-    indices = pair(states, names, params, trainer_order is not None, sources)
+    rows = info["class"] == _GROUP_ADAGRAD  # GroupAdaGrad's (rows, 1) histories
+    indices = pair(
+        states,
+        names,
+        params,
+        trainer_order is not None,
+        sources,
+        (lambda shape: (*shape[:1], 1)) if rows else (lambda shape: shape),
+    )
     positions = {index: position for position, index in enumerate(indices)}
     optimizer = _optimizer(info, positions, len(names), sources)
     return optimizer, params, [states[index] for index in indices], [names[i] for i in indices]
@@ -151,6 +162,9 @@ def transformation(
         multi_precision=optimizer.multi_precision,
     )
     learning_rate = None if optimizer.lr_scheduler is not None else optimizer.lr
+    if isinstance(optimizer, contrib.GroupAdaGrad):
+        del hyperparameters["wd"], hyperparameters["wd_mult"]  # 0: GroupAdaGrad refused others
+        return contrib.group_adagrad(learning_rate, optimizer.float_stable_eps, **hyperparameters)
     if isinstance(optimizer, legacy.AdaGrad):
         return legacy.adagrad(learning_rate, optimizer.float_stable_eps, **hyperparameters)
     return alias.adagrad(learning_rate, optimizer.epsilon, **hyperparameters)
@@ -204,7 +218,9 @@ def restore(
       state (the trainable ones), in Trainer index order:
 
       * ``optimizer``: :class:`mx_adagrad.legacy.AdaGrad` for a pickled MXNet 1.x
-        ``mxnet.optimizer.optimizer.AdaGrad`` (``float_stable_eps`` as ``eps``), or
+        ``mxnet.optimizer.optimizer.AdaGrad`` (``float_stable_eps`` as ``eps``),
+        :class:`mx_adagrad.contrib.GroupAdaGrad` for ``mxnet.optimizer.contrib.GroupAdaGrad``
+        (``Trainer(..., 'groupadagrad')``; its states are the ``(rows, 1)`` histories), or
         :class:`mx_adagrad.AdaGrad` for MXNet 2.0's ``mxnet.optimizer.adagrad.AdaGrad``
         (``epsilon``), with the pickled ``lr``, ``wd``, ``rescale_grad``, ``clip_gradient``,
         ``multi_precision``, ``begin_num_update`` and ``num_update``. Everything MXNet keys by
@@ -266,8 +282,9 @@ def restore_functional(
     Returns:
       ``(tx, params, opt_state)``:
 
-      * ``tx``: :func:`mx_adagrad.legacy.adagrad` (MXNet 1.x) or :func:`mx_adagrad.adagrad`
-        (MXNet 2.0) with the pickled ``learning_rate`` or ``lr_scheduler`` (converted as in
+      * ``tx``: :func:`mx_adagrad.legacy.adagrad` (MXNet 1.x),
+        :func:`mx_adagrad.contrib.group_adagrad` (GroupAdaGrad: no ``wd``) or
+        :func:`mx_adagrad.adagrad` (MXNet 2.0) with the pickled ``learning_rate`` or ``lr_scheduler`` (converted as in
         :func:`restore`), ``eps``/``epsilon``, ``rescale_grad``, ``clip_gradient``, ``wd``,
         ``multi_precision``, the effective multipliers as ``lr_mult``/``wd_mult`` dicts
         ``{structural name: value}`` (``None`` when all are 1), and ``begin_num_update`` set to

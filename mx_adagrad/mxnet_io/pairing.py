@@ -8,7 +8,7 @@ the structural names by index, :func:`pair` checks every state against its weigh
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -81,8 +81,11 @@ def pair(
     params: dict[str, np.ndarray],
     explicit: bool,
     sources: str,
+    history_shape: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda shape: shape,
 ) -> list[int]:
-    """The Trainer indices that have a state, sorted, after checking each against its weight."""
+    """The Trainer indices that have a state, sorted, after checking each against its weight:
+    a master copy has the weight's shape, a history ``history_shape(weight shape)`` (the
+    weight's, or GroupAdaGrad's ``(rows, 1)``)."""
     keys = list(states)
     for key in keys:
         if isinstance(key, bool) or not isinstance(key, int):
@@ -101,7 +104,9 @@ def pair(
             continue
         name = names[index]
         shape = params[name].shape
-        if any(a.shape != shape for a in arrays):
+        if tuple(a.shape for a in arrays) != (
+            (shape,) * (len(arrays) - 1) + (history_shape(shape),)
+        ):
             state_shapes = ", ".join(str(a.shape) for a in arrays)
             problems.append(
                 f"index {index} -> {name!r}: weight shape {shape}, state shape {state_shapes}"

@@ -68,7 +68,11 @@ def _bytearray(data: Any) -> bytearray:
     return bytearray(data)
 
 
-OPTIMIZERS = ("mxnet.optimizer.optimizer.AdaGrad", "mxnet.optimizer.adagrad.AdaGrad")
+OPTIMIZERS = (
+    "mxnet.optimizer.optimizer.AdaGrad",
+    "mxnet.optimizer.adagrad.AdaGrad",
+    "mxnet.optimizer.contrib.GroupAdaGrad",
+)
 _SCHEDULERS = tuple(
     f"mxnet.lr_scheduler.{name}"
     for name in (
