@@ -287,6 +287,22 @@ def _fused(
     return new_weights, new_states
 
 
+class Mxnet1Optimizer(Optimizer):
+    """MXNet 1.x's optimizers (AdaGrad, GroupAdaGrad): their epsilon is ``eps``, which MXNet keeps
+    as ``float_stable_eps``, and ``update`` runs ``fused_step`` by default."""
+
+    def __init__(self, eps: float, **kwargs: Any) -> None:
+        _checks.finite(self._where, "eps", eps)
+        _checks.non_negative(self._where, "eps", eps)
+        kwargs.setdefault("use_fused_step", True)
+        super().__init__(**kwargs)
+        self.float_stable_eps = eps
+
+    @property
+    def _epsilon(self) -> float:
+        return self.float_stable_eps
+
+
 class AdaGrad(Optimizer):
     """MXNet 2.0's ``mxnet.optimizer.AdaGrad``: the Optimizer API over :func:`mx_adagrad.adagrad`.
 

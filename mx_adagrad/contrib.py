@@ -126,7 +126,7 @@ def group_adagrad(
     return alias.record(checked, "contrib.group_adagrad", group_adagrad, **arguments)
 
 
-class GroupAdaGrad(compat.Optimizer):
+class GroupAdaGrad(compat.Mxnet1Optimizer):
     """MXNet 1.x's ``mx.optimizer.contrib.GroupAdaGrad``, with the Optimizer API of
     :class:`mx_adagrad.AdaGrad` (``create_state``, ``update``, ``step``, ``fused_step``,
     ``set_lr_mult``, ...).
@@ -162,15 +162,7 @@ class GroupAdaGrad(compat.Optimizer):
     _where = "contrib.GroupAdaGrad"
 
     def __init__(self, eps: float = 1e-5, **kwargs: Any) -> None:
-        _checks.finite(self._where, "eps", eps)
-        _checks.non_negative(self._where, "eps", eps)
-        kwargs.setdefault("use_fused_step", True)
-        super().__init__(**kwargs)
-        self.float_stable_eps = eps
-
-    @property
-    def _epsilon(self) -> float:
-        return self.float_stable_eps
+        super().__init__(eps, **kwargs)
 
     def create_state(self, index: Any, weight: jax.Array) -> jax.Array:
         """The history of one weight: zeros of shape ``(rows, 1)`` in its dtype, as MXNet."""

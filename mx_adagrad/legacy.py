@@ -80,7 +80,7 @@ def adagrad(
     return alias.record(tx, "legacy.adagrad", adagrad, **arguments)
 
 
-class AdaGrad(compat.Optimizer):
+class AdaGrad(compat.Mxnet1Optimizer):
     """MXNet 1.9.1's ``mxnet.optimizer.AdaGrad``, with the Optimizer API of :class:`mx_adagrad.AdaGrad`.
 
     Args:
@@ -102,15 +102,7 @@ class AdaGrad(compat.Optimizer):
     _where = "legacy.AdaGrad"
 
     def __init__(self, eps: float = 1e-7, **kwargs: Any) -> None:
-        _checks.finite(self._where, "eps", eps)
-        _checks.non_negative(self._where, "eps", eps)
-        kwargs.setdefault("use_fused_step", True)
-        super().__init__(**kwargs)
-        self.float_stable_eps = eps
-
-    @property
-    def _epsilon(self) -> float:
-        return self.float_stable_eps
+        super().__init__(eps, **kwargs)
 
     @staticmethod
     def _transform(epsilon: Any, **hyper: Any) -> optax.GradientTransformation:
