@@ -436,6 +436,12 @@ def value_and_bag_grad(
     gradient nor a row per lookup is formed. A :func:`mx_adagrad.flat.one_pass` step then updates
     every table in one native call.
 
+    A table typed as split by rows over an ``Explicit`` mesh axis (``NamedSharding(mesh,
+    P(axis))``, ``jax.make_mesh``'s default axis type) with the bags split by batch over the same
+    axis is pooled by its owners (:mod:`mx_adagrad.sharding`, row-wise): ``pooled[path]`` is split
+    by batch, the dense model runs on each device's bags, and the gradient is a
+    :class:`~mx_adagrad.sharding.ShardedBagGrad` for :func:`mx_adagrad.sharding.sharded_step`.
+
     Args:
       loss_fn: ``loss_fn(params_without_tables, pooled, *args) -> loss`` (or ``(loss, aux)``).
       tables: the ``"/"``-joined paths of the tables in ``params``.
@@ -467,14 +473,27 @@ def value_and_bag_grad(
         _checks.one_of("value_and_bag_grad", f"mode[{path!r}]", m, MODES)
 
     def look_up(found: dict[str, Any], bags: Mapping[str, Any]):
-        lookups = {
-            p: lookup(f"value_and_bag_grad (table {p!r})", found[p], bags[p], modes[p])
-            for p in tables
-        }
-        pooled = pool([found[p] for p in tables], [lookups[p] for p in tables])
-        return dict(zip(tables, pooled)), lookups
+        from mx_adagrad import sharding  # which builds on this module
 
-    def leaf(table: Any, lk: Lookup, d_pooled: chex.Array) -> BagGrad:
+        pooled, lookups = {}, {}
+        for p in tables:
+            where = f"value_and_bag_grad (table {p!r})"
+            split = sharding.row_split(found[p])
+            if split is None:
+                lookups[p] = lookup(where, found[p], bags[p], modes[p])
+            else:  # split by rows over an Explicit mesh axis: owners pool, bags travel
+                pooled[p], lookups[p] = sharding.split_lookup(
+                    where, found[p], bags[p], modes[p], *split
+                )
+        whole = [p for p in tables if p not in pooled]
+        pooled.update(zip(whole, pool([found[p] for p in whole], [lookups[p] for p in whole])))
+        return pooled, lookups
+
+    def leaf(table: Any, lk: Any, d_pooled: chex.Array) -> BagGrad:
+        if not isinstance(lk, Lookup):
+            from mx_adagrad import sharding
+
+            return sharding.split_grad(table, lk, d_pooled)
         return BagGrad(lk.ids, lk.bag, lk.scale, d_pooled, jnp.shape(table))
 
     return sparse._value_and_table_grad(

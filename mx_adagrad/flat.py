@@ -55,7 +55,7 @@ from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule, 
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mx_adagrad import _checks, _native, alias, multipliers, transforms
+from mx_adagrad import _checks, _native, alias, multipliers, sharding, transforms
 from mx_adagrad.bags import BagGrad
 from mx_adagrad.lr_scheduler import LRScheduler
 from mx_adagrad.precision import MultiPrecisionState
@@ -291,6 +291,8 @@ def _one_pass_form(
     arguments["learning_rate"] = learning_rate
 
     def step(params, grads, state):
+        if sharding.is_owner_split(grads):  # tables pooled by their owners: step each shard
+            return sharding.sharded_step(fused)(params, grads, state)
         updates, new_state = tx.update(grads, state, params)
         reference = (apply_updates(params, updates), new_state)
         if not native or not _native.load():
@@ -303,7 +305,8 @@ def _one_pass_form(
         )
 
     alias.record(tx, kind, build, **arguments, native=native)
-    return FusedAdaGrad(tx.init, step, tx)
+    fused = FusedAdaGrad(tx.init, step, tx)
+    return fused
 
 
 class _Leaf(NamedTuple):

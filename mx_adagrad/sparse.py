@@ -51,7 +51,7 @@ class RowSparse(_checks.SparseLeaf):
       values: array of shape ``(n, *dense_shape[1:])``.
       dense_shape: the shape of the parameter (the table), static.
       unique: static; True when ``indices`` are known sorted and unique, with padding slots
-        (``indices == dense_shape[0]``, zero values) at the end. Set by :func:`coalesce`.
+        (``indices == dense_shape[0]``, zero values) at the end. Set by :func:`~mx_adagrad.sparse.coalesce`.
 
     MXNet equivalent: ``mx.nd.sparse.row_sparse_array((values, indices), shape=dense_shape)``.
     """
@@ -144,7 +144,7 @@ def coalesce(grad: _checks.SparseLeaf) -> RowSparse:
 
     Out-of-range ids (negative or ``>= num_rows``) become padding. The sum is a sequential
     reduction in the order of the positions, so the same input gives bitwise the same output. On
-    the CPU backend, float32 rows are summed by a native kernel (:mod:`mx_adagrad._native`) that
+    the CPU backend, float32 rows are summed by a native kernel (``mx_adagrad._native``) that
     computes the same bits as the XLA program below, without its sort. A RowSparse that is already
     coalesced is returned as is; a :class:`~mx_adagrad.BagGrad` is summed by its own
     ``coalesce`` (the same rows as coalescing its expanded RowSparse).
@@ -188,7 +188,7 @@ def _padded(ids: chex.Array, num_rows: int) -> chex.Array:
 def _coalesce_xla(
     indices: chex.Array, values: chex.Array, num_rows: int
 ) -> tuple[chex.Array, chex.Array]:
-    """:func:`coalesce` in XLA operations, for every backend.
+    """:func:`~mx_adagrad.sparse.coalesce` in XLA operations, for every backend.
 
     The ids are sorted alone (a sort that carries a second operand, as ``jnp.unique`` and
     ``argsort`` emit, costs several times more on XLA CPU), the distinct ones compacted to the
@@ -376,6 +376,12 @@ def value_and_row_grad(
     padding, as in every RowSparse: its row reads as zeros and nothing is updated for it
     (:func:`check_indices` reports such ids inside ``jit``).
 
+    A table typed as split by rows over an ``Explicit`` mesh axis, with ids split by batch over
+    the same axis, is looked up on its owners (:func:`mx_adagrad.sharding.value_and_row_grad`):
+    the rows come split by batch (the dense model stays data-parallel) and the gradient is a
+    :class:`~mx_adagrad.sharding.ShardedRowSparse`, which a one-pass ``opt.step`` steps on the
+    owners.
+
     Args:
       loss_fn: ``loss_fn(params_without_tables, rows, *args) -> loss`` (or ``(loss, aux)``).
       tables: the ``"/"``-joined paths of the embedding tables in ``params``.
@@ -388,9 +394,24 @@ def value_and_row_grad(
     tables = tuple(tables)
 
     def look_up(found: dict[str, Any], ids: Mapping[str, chex.Array]):
-        return {p: take_rows(found[p], ids[p]) for p in tables}, ids
+        from mx_adagrad import sharding  # which builds on this module
 
-    def leaf(table: Any, ids: chex.Array, d_rows: chex.Array) -> RowSparse:
+        rows, context = {}, dict(ids)
+        for p in tables:
+            split = sharding.row_split(found[p])
+            if split is None:
+                rows[p] = take_rows(found[p], ids[p])
+            else:  # split by rows over an Explicit mesh axis: rows split by batch, like ids
+                rows[p], context[p] = sharding.split_rows(
+                    f"value_and_row_grad (table {p!r})", found[p], ids[p], *split
+                )
+        return rows, context
+
+    def leaf(table: Any, ids: Any, d_rows: chex.Array) -> RowSparse:
+        if not hasattr(ids, "reshape"):  # a sharding split: the rows' owners
+            from mx_adagrad import sharding
+
+            return sharding.split_grad(table, ids, d_rows)
         flat_ids = ids.reshape(-1)
         values = d_rows.reshape((flat_ids.shape[0], *table.shape[1:]))
         return RowSparse(flat_ids, values, table.shape)

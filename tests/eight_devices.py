@@ -102,6 +102,42 @@ def collectives(compiled) -> list[str]:
     return [match.group(0) for match in COLLECTIVE.finditer(compiled.as_text())]
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4}
+_BYTES.update({"f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16})
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\(.*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?) ", re.M)
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def _bytes(hlo_type: str) -> int:
+    """The bytes of an HLO type: an array ``f32[16,64]{1,0}`` or a tuple of them."""
+    return sum(
+        _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+        for dtype, dims in _ARRAY.findall(hlo_type)
+    )
+
+
+def collective_bytes(compiled) -> dict[str, int]:
+    """Bytes per device of each kind of collective in a compiled program: the operand bytes of
+    every reduce-scatter (what each device contributes), the result bytes of the others (what
+    each device receives, its own part included; an all-reduce's result is its operand)."""
+    text = compiled.as_text()
+    types = {name: hlo_type for name, hlo_type in _DEFINITION.findall(text)}
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        match = COLLECTIVE.search(line)
+        definition = _DEFINITION.match(line)
+        if not match or not definition:
+            continue
+        kind = match.group(1)
+        if kind == "reduce-scatter":
+            operands = line[match.end() :].split(")", 1)[0]
+            size = sum(_bytes(types[name]) for name in re.findall(r"%([\w.-]+)", operands))
+        else:
+            size = _bytes(definition.group(2))
+        totals[kind] = totals.get(kind, 0) + size
+    return totals
+
+
 def native_calls(compiled) -> list[str]:
     """The dense one-pass step kernels' custom calls in a compiled program's HLO."""
     return re.findall(
