@@ -9,7 +9,7 @@ PIP_INSTALL := $(PY) -m pip install -q -c $(CONSTRAINTS)
 TORCH := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 LOCK_VENV := .venv-lock
 
-.PHONY: venv test demo bench lint format lock clean
+.PHONY: venv test demo docs bench lint format lock clean
 
 venv: $(PY)
 
@@ -17,9 +17,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# The tests cover the framework integrations (Flax, Haiku, Equinox, Orbax), so they take both extras.
+# The tests cover the framework integrations (Flax, Haiku, Equinox, Orbax) and build the docs
+# (tests/test_docs.py), so they take all three extras.
 $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PIP_INSTALL) -e ".[test,examples]"
+	$(PIP_INSTALL) -e ".[test,examples,docs]"
+	touch $@
+
+# The API reference imports every module, mx_adagrad.flax included: docs take the examples too.
+$(VENV)/.installed-docs: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP_INSTALL) -e ".[docs,examples]"
 	touch $@
 
 $(VENV)/.installed-examples: pyproject.toml $(CONSTRAINTS) | $(PY)
@@ -31,6 +37,11 @@ test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-examples
 	$(PY) examples/flax_digits.py
+
+# The site, from a clean environment (-E), warnings (broken cross-references too) as errors.
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/run.py --json benchmarks/results/bench.json --png benchmarks/results/bench.png
@@ -54,7 +65,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install -q -e ".[test,examples]" "$(TORCH)"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[test,examples,docs]" "$(TORCH)"
 	mkdir -p $(dir $(CONSTRAINTS))
 	{ echo "# Exact versions the test suite was run with; made by \`make lock\` with $$($(LOCK_VENV)/bin/python -V)."; \
 	  echo "# Used by make test/demo/bench and .ci/run (pip install -c). Users' installs are unpinned."; \
@@ -64,4 +75,4 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info docs/_build

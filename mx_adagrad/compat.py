@@ -110,7 +110,7 @@ class Optimizer:
 
     @property
     def learning_rate(self) -> float:
-        """The current learning rate: the scheduler's value at ``num_update``, or ``lr``."""
+        """The current learning rate, the scheduler's value at ``num_update`` or ``lr``."""
         if self.lr_scheduler is not None:
             return self.lr_scheduler(self.num_update)
         return self.lr
@@ -317,7 +317,7 @@ class AdaGrad(Optimizer):
         (with a warning), ``None`` keeps it.
       epsilon: 1e-6. MXNet 2.0 renamed ``eps``; passing ``eps=`` raises, as there.
       use_fused_step: True (``update`` runs ``fused_step``).
-      **kwargs: MXNet's Optimizer arguments (see :class:`Optimizer`).
+      **kwargs: MXNet's Optimizer arguments (see :class:`~mx_adagrad.compat.Optimizer`).
 
     Example:
       >>> import jax.numpy as jnp, mx_adagrad

@@ -100,12 +100,12 @@ class LRScheduler:
         constant: warmup_begin_lr
 
     where ``warmup_final_lr`` is the constructor's ``base_lr`` (MXNet captures it at construction,
-    so :meth:`with_base_lr` does not move the end of the warmup ramp). As in MXNet, calling the
+    so :meth:`~LRScheduler.with_base_lr` does not move the end of the warmup ramp). As in MXNet, calling the
     base class raises ``NotImplementedError``, and ``warmup_begin_lr <= base_lr`` is required even
     when ``warmup_steps == 0``.
 
     Attributes are read-only (``base_lr`` is the value the schedule starts from, not MXNet's
-    running value); use :meth:`with_base_lr` instead of assigning ``base_lr``.
+    running value); use :meth:`~LRScheduler.with_base_lr` instead of assigning ``base_lr``.
     """
 
     def __init__(
@@ -445,7 +445,7 @@ class PolyScheduler(_Annealing):
 
     Quirks of MXNet kept here:
 
-    * ``base_lr_orig`` is the constructor's ``base_lr``: :meth:`with_base_lr` (MXNet's optimizer
+    * ``base_lr_orig`` is the constructor's ``base_lr``: :meth:`~LRScheduler.with_base_lr` (MXNet's optimizer
       overriding ``base_lr``) does not change the schedule, except when ``max_update <
       warmup_steps``, where MXNet returns ``base_lr`` after warmup.
     * Past ``max_update`` MXNet returns the last value it computed. Here that is the value at

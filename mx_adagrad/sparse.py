@@ -16,7 +16,7 @@ Shapes stay static under ``jax.jit``: a gradient with ``n`` index slots is coale
 slots, the unique ids first and padding after. Padding slots carry the id ``num_rows`` (one past
 the table) and zero values; gathers read zeros there and scatters drop them, so padding touches
 nothing. Ids that are negative or ``>= num_rows`` are treated like padding under ``jit`` (they
-update nothing); with concrete values they are an error, and :func:`check_indices` reports them
+update nothing); with concrete values they are an error, and :func:`~mx_adagrad.check_indices` reports them
 inside ``jit`` through ``jax.experimental.checkify``.
 
 MXNet equivalent: ``mx.nd.sparse.row_sparse_array`` gradients and ``AdaGrad.fused_step``'s sparse
@@ -374,7 +374,7 @@ def value_and_row_grad(
     never formed. ``ids`` may have any shape (it is flattened; rows have shape
     ``(*ids.shape, *table.shape[1:])``). An id outside ``[0, num_rows)`` (negative included) is
     padding, as in every RowSparse: its row reads as zeros and nothing is updated for it
-    (:func:`check_indices` reports such ids inside ``jit``).
+    (:func:`~mx_adagrad.check_indices` reports such ids inside ``jit``).
 
     A table typed as split by rows over an ``Explicit`` mesh axis, with ids split by batch over
     the same axis, is looked up on its owners (:func:`mx_adagrad.sharding.value_and_row_grad`):

@@ -1,7 +1,7 @@
-"""Step 8: a Gluon checkpoint in the JAX model's own layout: :func:`to_jax` and :func:`restore_into`.
+"""Step 8: a Gluon checkpoint in the JAX model's own layout: :func:`~mx_adagrad.mxnet_io.to_jax` and :func:`~mx_adagrad.mxnet_io.restore_into`.
 
-:func:`to_jax` converts Gluon's arrays into a pytree shaped like the model's (Flax NNX state,
-Linen variables, Haiku params or state); :func:`restore_into` does the same for a whole
+:func:`~mx_adagrad.mxnet_io.to_jax` converts Gluon's arrays into a pytree shaped like the model's (Flax NNX state,
+Linen variables, Haiku params or state); :func:`~mx_adagrad.mxnet_io.restore_into` does the same for a whole
 checkpoint, optimizer included: each AdaGrad history (and ``multi_precision`` master copy) gets its
 weight's permutation, and ``lr_mult``/``wd_mult`` follow the parameters to their new paths.
 """

@@ -1,6 +1,6 @@
 """Step 1: reading MXNet NDArray files (``.params``) into numpy arrays, without MXNet.
 
-:func:`load_params` decodes the NDArray list written by ``mx.nd.save`` / ``mx.npx.save``, which is
+:func:`~mx_adagrad.mxnet_io.load_params` decodes the NDArray list written by ``mx.nd.save`` / ``mx.npx.save``, which is
 what Gluon's ``save_parameters``, ``HybridBlock.export`` and Module's ``save_checkpoint`` write to
 ``.params`` files. It uses numpy only. The record decoder is shared with :mod:`.trainer_states`,
 whose pickled NDArrays carry one record each.

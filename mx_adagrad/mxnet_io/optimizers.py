@@ -1,8 +1,8 @@
 """Step 5: restoring the optimizer of a Gluon checkpoint (``net.params`` + ``trainer.states``).
 
-:func:`restore` gives MXNet's Optimizer API (:class:`mx_adagrad.AdaGrad`,
+:func:`~mx_adagrad.mxnet_io.restore` gives MXNet's Optimizer API (:class:`mx_adagrad.AdaGrad`,
 :class:`mx_adagrad.legacy.AdaGrad`) with the weights and states, in Trainer index order;
-:func:`restore_functional` gives the same checkpoint as an optax transformation with its state,
+:func:`~mx_adagrad.mxnet_io.restore_functional` gives the same checkpoint as an optax transformation with its state,
 keyed by structural name.
 """
 

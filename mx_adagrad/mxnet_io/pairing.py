@@ -1,9 +1,9 @@
 """Step 3: pairing the optimizer states of ``trainer.states`` with the weights of ``net.params``.
 
 ``trainer.states`` keys each state by its Gluon Trainer index; ``net.params`` names each weight by
-its structural name (``0.weight``). :func:`trainer_order` turns the user's ``trainer_order`` into
-the structural names by index, :func:`pair` checks every state against its weight, and
-:func:`remap` re-keys the optimizer's index tables by position among the trained parameters.
+its structural name (``0.weight``). ``trainer_order`` turns the user's ``trainer_order`` into
+the structural names by index, ``pair`` checks every state against its weight, and
+``remap`` re-keys the optimizer's index tables by position among the trained parameters.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Step 2: the restricted unpickler that reads Gluon's ``trainer.states`` without MXNet.
 
-:func:`load_trainer_states` reads the pickle written by Gluon's ``Trainer.save_states`` (MXNet's
+:func:`~mx_adagrad.mxnet_io.load_trainer_states` reads the pickle written by Gluon's ``Trainer.save_states`` (MXNet's
 ``Updater.get_states``) with an unpickler that resolves a fixed list of MXNet classes to inert
 stand-ins and refuses every other global, so nothing in the file gets called.
 """
