@@ -49,6 +49,8 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/scaling.py --json benchmarks/results/scaling.json
 	$(PY) benchmarks/sparse_step.py --json benchmarks/results/sparse_step.json
 	$(PY) benchmarks/bag_step.py --json benchmarks/results/bag_step.json
+	$(PY) benchmarks/family_step.py --json benchmarks/results/family_step.json
+	$(PY) benchmarks/sharded_bags.py --json benchmarks/results/sharded_bags.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,7 @@ its optax form (``tx.update`` + ``apply_updates``):
   every float16/bfloat16 leaf of the element-wise form) is updated in one pass over memory, up to
   64 leaves per native call, and every float32 table with a :class:`~mx_adagrad.RowSparse` or
   :class:`~mx_adagrad.BagGrad` gradient is updated on its touched rows in place, all tables in
-  one native call (:mod:`mx_adagrad._native`); anywhere else (GPU, TPU, no C++ compiler, other
+  one native call (``mx_adagrad._native``); anywhere else (GPU, TPU, no C++ compiler, other
   dtypes) it is the XLA program of the transformation. The dense native call has a sharding
   rule: with parameters placed over a device mesh, each device steps its own shards, with no
   collective and every sharding kept. A variant is its transformation and its kernels' rule
@@ -105,7 +105,7 @@ def fused_adagrad(
     The arguments are those of :func:`mx_adagrad.adagrad` (same names, defaults and checks),
     plus ``native``. Call ``step`` inside ``jax.jit`` with params and state donated, so the step
     writes in place. On the CPU backend, with ``native=True`` and the kernels available
-    (:mod:`mx_adagrad._native` builds them on first use):
+    (``mx_adagrad._native`` builds them on first use):
 
     * the dense float32 leaves, and with ``multi_precision`` the float16/bfloat16 leaves with
       float32 gradients of their dtype, are updated by one native call that reads weight,
