@@ -16,7 +16,7 @@
   grouped by row (``groups.h``), then ``step.h``'s arithmetic on each touched row, in place.
 
 Building: the first :func:`load` in a process builds the library once into a cache directory
-(:mod:`mx_adagrad._native.library`), so a later process loads it without compiling (about 5 s
+(:mod:`mx_adagrad._native.library`), so a later process loads it without compiling (about 12 s
 the first time). ``MX_ADAGRAD_NATIVE=0`` turns the kernels off. If they cannot be built or loaded,
 :func:`load` warns once and returns False, and :mod:`mx_adagrad.flat` uses its XLA path, which
 computes the same bits.
