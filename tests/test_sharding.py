@@ -243,6 +243,7 @@ SPARSE_CONFIGS = {
         "bfloat16",
     ),
     "rowwise, wd, clip": (mx_adagrad.rowwise_adagrad, dict(wd=0.01, clip_gradient=0.3), "float32"),
+    "group_adagrad, clip": (mx_adagrad.contrib.group_adagrad, dict(clip_gradient=0.3), "float32"),
     "rowwise multi_precision bfloat16": (
         mx_adagrad.rowwise_adagrad,
         dict(initial_accumulator_value=0.1, multi_precision=True),
